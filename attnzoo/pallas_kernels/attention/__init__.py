@@ -1,0 +1,208 @@
+"""Softmax attention: one signature, reference / xla / pallas implementations, composable masks.
+
+>>> o = attention(q, k, v, causal=True, window=(256, 0), impl="auto")
+
+Shapes: q ``[B,T,Hq,D]``, k ``[B,S,Hkv,D]``, v ``[B,S,Hkv,Dv]`` with ``Hq % Hkv == 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from attnzoo.pallas_kernels import common
+from attnzoo.pallas_kernels.attention import reference as _reference
+from attnzoo.pallas_kernels.attention import xla as _xla
+from attnzoo.pallas_kernels.attention.masks import (
+    AndMask,
+    BlockMetadata,
+    CausalMask,
+    ChunkedCausalMask,
+    FullMask,
+    FunctionMask,
+    LocalMask,
+    Mask,
+    NotMask,
+    OrMask,
+    PrefixLMMask,
+    as_mask,
+    block_metadata,
+    build_mask,
+)
+from attnzoo.pallas_kernels.attention.xla import XlaBlockSizes
+
+__all__ = [
+    "attention",
+    "attention_decode",
+    "BlockSizes",
+    "XlaBlockSizes",
+    "DecodeBlockSizes",
+    "Mask",
+    "FullMask",
+    "CausalMask",
+    "LocalMask",
+    "ChunkedCausalMask",
+    "PrefixLMMask",
+    "FunctionMask",
+    "AndMask",
+    "OrMask",
+    "NotMask",
+    "BlockMetadata",
+    "block_metadata",
+]
+
+_OP = "attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the Pallas kernels (forward, dq and dk/dv passes share them).
+
+    On TPU ``block_kv`` must be a multiple of 128 and ``block_q`` of 8; on GPU both are rounded to
+    powers of two. Blocks are shrunk for short sequences.
+    """
+
+    block_q: int = 128
+    block_kv: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBlockSizes:
+    """Key/value tile length of the decode kernels and the blockwise decode path."""
+
+    block_kv: int = 512
+
+
+def _check_qkv(q, k, v, op):
+    common.check_array(op, "q", q, ndim=4, floating=True, expected="[B,T,Hq,D]")
+    common.check_array(op, "k", k, ndim=4, floating=True, expected="[B,S,Hkv,D]")
+    common.check_array(op, "v", v, ndim=4, floating=True, expected="[B,S,Hkv,Dv]")
+    batch, _, q_heads, head_dim = q.shape
+    common.check_array(op, "k", k, shape=(batch, None, None, head_dim), expected="[B,S,Hkv,D] with q's B and D")
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    common.check_array(op, "v", v, shape=(batch, kv_len, kv_heads, None), expected="[B,S,Hkv,Dv] with k's B, S and Hkv")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"{op}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(
+            f"{op}: the number of query heads ({q_heads}) must be a multiple of the number of "
+            f"key/value heads ({kv_heads}) (GQA/MQA)"
+        )
+    if q.shape[1] == 0 or kv_len == 0 or head_dim == 0 or v.shape[-1] == 0:
+        raise ValueError(f"{op}: empty sequence or head dimension: q {q.shape}, k {k.shape}, v {v.shape}")
+
+
+def _check_window(window, op):
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"{op}: window must be a (left, right) pair of ints or None, got {window!r}")
+    left, right = window
+    left = common.check_positive_int(op, "window[0] (left)", left, allow_none=True, minimum=0)
+    right = common.check_positive_int(op, "window[1] (right)", right, allow_none=True, minimum=0)
+    return (left, right)
+
+
+def _check_segments(segment_ids, batch, q_len, kv_len, op):
+    if segment_ids is None:
+        return None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise ValueError(f"{op}: segment_ids must be [B,T] or a (q_ids, kv_ids) pair, got {len(segment_ids)} items")
+        q_ids, kv_ids = segment_ids
+    else:
+        if q_len != kv_len:
+            raise ValueError(
+                f"{op}: a single segment_ids array needs T == S (self-attention); got T={q_len}, "
+                f"S={kv_len}: pass (q_ids [B,T], kv_ids [B,S])"
+            )
+        q_ids = kv_ids = segment_ids
+    common.check_array(op, "segment_ids (queries)", q_ids, integer=True, shape=(batch, q_len), expected="[B,T]")
+    common.check_array(op, "segment_ids (keys)", kv_ids, integer=True, shape=(batch, kv_len), expected="[B,S]")
+    return jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32)
+
+
+def _check_block_sizes(block_sizes, cls, op):
+    if block_sizes is None:
+        return cls()
+    if not isinstance(block_sizes, cls):
+        raise TypeError(f"{op}: block_sizes must be a {cls.__name__} for this impl, got {type(block_sizes).__name__}")
+    for field in dataclasses.fields(block_sizes):
+        common.check_positive_int(op, f"block_sizes.{field.name}", getattr(block_sizes, field.name))
+    return block_sizes
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    segment_ids=None,
+    mask=None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    impl: str = "auto",
+    return_lse: bool = False,
+    block_sizes=None,
+    interpret=None,
+):
+    """Softmax attention with GQA/MQA, block-sparse masks and packed segments.
+
+    Args:
+      q: ``[B, T, Hq, D]`` queries. k: ``[B, S, Hkv, D]``. v: ``[B, S, Hkv, Dv]``. One float dtype.
+      causal: key ``j`` visible to query ``i`` iff ``j <= i + S - T`` (last query aligned to last key).
+      window: ``(left, right)``: ``i' - left <= j <= i' + right`` with ``i' = i + S - T``; None on a
+        side means unbounded. Combined with ``causal`` by intersection.
+      segment_ids: ``[B, T]`` int (self-attention), or ``(q_ids [B,T], kv_ids [B,S])``: a query sees
+        only keys of its own segment (packed documents).
+      mask: an attnzoo ``Mask`` (compose with ``&``, ``|``, ``~``) or a function
+        ``mask_mod(q_idx, kv_idx) -> bool`` of absolute positions, written with array operators.
+        It is evaluated per tile: invisible tiles are skipped, fully visible ones skip the element
+        mask.
+      scale: logit scale, default ``D ** -0.5``. softcap: if set, logits ``c * tanh(s / c)``.
+      impl: "auto" | "reference" | "xla" | "pallas". return_lse: also return log-sum-exp.
+      block_sizes: ``BlockSizes`` (pallas) or ``XlaBlockSizes`` (xla).
+      interpret: Pallas interpret mode, see ``attnzoo.pallas_kernels.common``.
+
+    Returns:
+      ``out [B, T, Hq, Dv]`` in q's dtype; with ``return_lse`` also ``lse [B, Hq, T]`` float32.
+      A query that sees no key gets output 0 and lse ``-inf`` (never NaN).
+    """
+    _check_qkv(q, k, v, _OP)
+    batch, q_len, _, head_dim = q.shape
+    kv_len = k.shape[1]
+    if not isinstance(causal, bool):
+        raise TypeError(f"{_OP}: causal must be a bool, got {type(causal).__name__}")
+    window = _check_window(window, _OP)
+    segments = _check_segments(segment_ids, batch, q_len, kv_len, _OP)
+    if mask is not None:
+        mask = as_mask(mask, "mask")
+    scale = common.check_optional_float(_OP, "scale", scale)
+    scale = head_dim**-0.5 if scale is None else scale
+    softcap = common.check_optional_float(_OP, "softcap", softcap, positive=True)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"{_OP}: return_lse must be a bool, got {type(return_lse).__name__}")
+    interpret = common.check_interpret(interpret, _OP)
+    impl = common.resolve_impl(impl, _OP)
+    full_mask = build_mask(causal=causal, window=window, mask=mask, q_len=q_len, kv_len=kv_len)
+
+    if impl == "reference":
+        out, lse = _reference.attention(q, k, v, mask=full_mask, segment_ids=segments, scale=scale, softcap=softcap)
+    elif impl == "xla":
+        sizes = _check_block_sizes(block_sizes, XlaBlockSizes, _OP)
+        out, lse = _xla.attention(
+            q, k, v, mask=full_mask, segment_ids=segments, scale=scale, softcap=softcap, block_sizes=sizes
+        )
+    else:
+        from attnzoo.pallas_kernels.attention import pallas as _pallas
+
+        sizes = _check_block_sizes(block_sizes, BlockSizes, _OP)
+        out, lse = _pallas.attention(
+            q, k, v, mask=full_mask, segment_ids=segments, scale=scale, softcap=softcap,
+            block_sizes=sizes, interpret=interpret,
+        )
+    return (out, lse) if return_lse else out
