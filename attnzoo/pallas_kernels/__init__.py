@@ -16,11 +16,13 @@ from attnzoo.pallas_kernels.attention import (
     PrefixLMMask,
     XlaBlockSizes,
     attention,
+    attention_decode,
     block_metadata,
 )
 
 __all__ = [
     "attention",
+    "attention_decode",
     "BlockSizes",
     "XlaBlockSizes",
     "DecodeBlockSizes",

@@ -8,6 +8,7 @@ Shapes: q ``[B,T,Hq,D]``, k ``[B,S,Hkv,D]``, v ``[B,S,Hkv,Dv]`` with ``Hq % Hkv 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -206,3 +207,67 @@ def attention(
             block_sizes=sizes, interpret=interpret,
         )
     return (out, lse) if return_lse else out
+
+
+def attention_decode(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    window: tuple[int | None, int | None] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    impl: str = "auto",
+    block_sizes: DecodeBlockSizes | None = None,
+    interpret=None,
+):
+    """One decoding step against a KV cache.
+
+    Args:
+      q: ``[B, Hq, D]``, the newest token's queries (its key and value already written to the
+        cache at position ``lengths[b] - 1``).
+      k_cache: ``[B, S, Hkv, D]``; v_cache: ``[B, S, Hkv, Dv]``; ``Hq % Hkv == 0``.
+      lengths: ``[B]`` int, valid cache entries per row (0 gives output 0).
+      window: ``(left, right)`` as in :func:`attention`; only ``left`` matters here (keys
+        ``lengths-1-left .. lengths-1``).
+      scale, softcap, impl, interpret: as in :func:`attention`. block_sizes: ``DecodeBlockSizes``.
+
+    Returns ``[B, Hq, Dv]`` in q's dtype. ``xla`` and ``pallas`` are forward-only (inference).
+    """
+    op = "attention_decode"
+    common.check_array(op, "q", q, ndim=3, floating=True, expected="[B,Hq,D]")
+    common.check_array(op, "k_cache", k_cache, ndim=4, floating=True, expected="[B,S,Hkv,D]")
+    common.check_array(op, "v_cache", v_cache, ndim=4, floating=True, expected="[B,S,Hkv,Dv]")
+    batch, q_heads, head_dim = q.shape
+    common.check_array(op, "k_cache", k_cache, shape=(batch, None, None, head_dim), expected="[B,S,Hkv,D] with q's B and D")
+    kv_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    common.check_array(op, "v_cache", v_cache, shape=(batch, kv_len, kv_heads, None), expected="[B,S,Hkv,Dv] with k_cache's B, S and Hkv")
+    common.check_array(op, "lengths", lengths, integer=True, shape=(batch,), expected="[B]")
+    if q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
+        raise TypeError(f"{op}: q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"{op}: the number of query heads ({q_heads}) must be a multiple of the number of key/value heads ({kv_heads})")
+    window = _check_window(window, op)
+    window_left = None if window is None else window[0]
+    scale = common.check_optional_float(op, "scale", scale)
+    scale = head_dim**-0.5 if scale is None else scale
+    softcap = common.check_optional_float(op, "softcap", softcap, positive=True)
+    interpret = common.check_interpret(interpret, op)
+    impl = common.resolve_impl(impl, op)
+    sizes = _check_block_sizes(block_sizes, DecodeBlockSizes, op)
+    options = dict(window_left=window_left, scale=scale, softcap=softcap)
+    if impl == "reference":
+        return _reference.attention_decode(q, k_cache, v_cache, lengths, **options)
+    from attnzoo.pallas_kernels.attention import decode as _decode
+
+    if impl == "xla":
+        return _decode.decode_xla(q, k_cache, v_cache, lengths, block_kv=sizes.block_kv, **options)
+    from attnzoo.pallas_kernels.attention import gpu as _gpu
+
+    return common.run_pallas(
+        functools.partial(_decode.decode_tpu, block_kv=sizes.block_kv, **options),
+        functools.partial(_gpu.flash_decode, block_kv=sizes.block_kv, **options),
+        interpret,
+        q, k_cache, v_cache, lengths,
+    )

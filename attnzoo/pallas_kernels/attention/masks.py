@@ -19,9 +19,21 @@ import dataclasses
 import functools
 from typing import Callable
 
+import jax
 import numpy as np
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+def floor_div(x, divisor: int):
+    """``x // divisor`` for numpy and JAX int arrays; on JAX, exact for ``x >= 0``.
+
+    ``jnp.floor_divide`` needs ``sign``, which Mosaic lowers only on a TPU host; ``lax.div``
+    (truncation) lowers everywhere and equals floor division for non-negative ``x``.
+    """
+    if isinstance(x, jax.Array):
+        return jax.lax.div(x, jax.numpy.asarray(divisor, x.dtype))
+    return np.floor_divide(x, divisor)
 
 
 class Mask:
@@ -114,7 +126,9 @@ class ChunkedCausalMask(Mask):
 
     def __call__(self, q_idx, kv_idx):
         pos = q_idx + self.offset
-        return (kv_idx <= pos) & (kv_idx // self.chunk_size == pos // self.chunk_size)
+        # Rows with pos < 0 see nothing through the first term, so truncation there is harmless.
+        same_chunk = floor_div(kv_idx, self.chunk_size) == floor_div(pos, self.chunk_size)
+        return (kv_idx <= pos) & same_chunk
 
     def row_interval(self, q_idx, kv_len):
         pos = q_idx + self.offset
