@@ -97,7 +97,7 @@ def check_array(
         if len(shape) != x.ndim or any(
             want is not None and want != got for want, got in zip(shape, x.shape)
         ):
-            want = tuple("*" if s is None else s for s in shape)
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
             raise ValueError(f"{op}: {name} must have shape {want}{layout}, got {tuple(x.shape)}")
     return x
 

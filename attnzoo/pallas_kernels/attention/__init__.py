@@ -181,7 +181,7 @@ def attention(
     window = _check_window(window, _OP)
     segments = _check_segments(segment_ids, batch, q_len, kv_len, _OP)
     if mask is not None:
-        mask = as_mask(mask, "mask")
+        mask = as_mask(mask, f"{_OP}: mask")
     scale = common.check_optional_float(_OP, "scale", scale)
     scale = head_dim**-0.5 if scale is None else scale
     softcap = common.check_optional_float(_OP, "softcap", softcap, positive=True)
@@ -190,23 +190,34 @@ def attention(
     interpret = common.check_interpret(interpret, _OP)
     impl = common.resolve_impl(impl, _OP)
     full_mask = build_mask(causal=causal, window=window, mask=mask, q_len=q_len, kv_len=kv_len)
-
-    if impl == "reference":
-        out, lse = _reference.attention(q, k, v, mask=full_mask, segment_ids=segments, scale=scale, softcap=softcap)
-    elif impl == "xla":
-        sizes = _check_block_sizes(block_sizes, XlaBlockSizes, _OP)
-        out, lse = _xla.attention(
-            q, k, v, mask=full_mask, segment_ids=segments, scale=scale, softcap=softcap, block_sizes=sizes
-        )
-    else:
-        from attnzoo.pallas_kernels.attention import pallas as _pallas
-
-        sizes = _check_block_sizes(block_sizes, BlockSizes, _OP)
-        out, lse = _pallas.attention(
-            q, k, v, mask=full_mask, segment_ids=segments, scale=scale, softcap=softcap,
-            block_sizes=sizes, interpret=interpret,
-        )
+    if impl == "xla":
+        block_sizes = _check_block_sizes(block_sizes, XlaBlockSizes, _OP)
+    elif impl == "pallas":
+        block_sizes = _check_block_sizes(block_sizes, BlockSizes, _OP)
+    out, lse = _attention_jit(
+        q, k, v, segments, impl=impl, mask=full_mask, scale=scale, softcap=softcap,
+        block_sizes=block_sizes if impl != "reference" else None, interpret=interpret,
+    )
     return (out, lse) if return_lse else out
+
+
+@functools.partial(
+    jax.jit, static_argnames=("impl", "mask", "scale", "softcap", "block_sizes", "interpret")
+)
+def _attention_jit(q, k, v, segments, *, impl, mask, scale, softcap, block_sizes, interpret):
+    """Validated arguments -> implementation, jitted so eager calls reuse one compiled program."""
+    if impl == "reference":
+        return _reference.attention(q, k, v, mask=mask, segment_ids=segments, scale=scale, softcap=softcap)
+    if impl == "xla":
+        return _xla.attention(
+            q, k, v, mask=mask, segment_ids=segments, scale=scale, softcap=softcap, block_sizes=block_sizes
+        )
+    from attnzoo.pallas_kernels.attention import pallas as _pallas
+
+    return _pallas.attention(
+        q, k, v, mask=mask, segment_ids=segments, scale=scale, softcap=softcap,
+        block_sizes=block_sizes, interpret=interpret,
+    )
 
 
 def attention_decode(
@@ -256,18 +267,28 @@ def attention_decode(
     interpret = common.check_interpret(interpret, op)
     impl = common.resolve_impl(impl, op)
     sizes = _check_block_sizes(block_sizes, DecodeBlockSizes, op)
+    return _decode_jit(
+        q, k_cache, v_cache, lengths, impl=impl, window_left=window_left, scale=scale,
+        softcap=softcap, block_kv=sizes.block_kv, interpret=interpret,
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("impl", "window_left", "scale", "softcap", "block_kv", "interpret")
+)
+def _decode_jit(q, k_cache, v_cache, lengths, *, impl, window_left, scale, softcap, block_kv, interpret):
     options = dict(window_left=window_left, scale=scale, softcap=softcap)
     if impl == "reference":
         return _reference.attention_decode(q, k_cache, v_cache, lengths, **options)
     from attnzoo.pallas_kernels.attention import decode as _decode
 
     if impl == "xla":
-        return _decode.decode_xla(q, k_cache, v_cache, lengths, block_kv=sizes.block_kv, **options)
+        return _decode.decode_xla(q, k_cache, v_cache, lengths, block_kv=block_kv, **options)
     from attnzoo.pallas_kernels.attention import gpu as _gpu
 
     return common.run_pallas(
-        functools.partial(_decode.decode_tpu, block_kv=sizes.block_kv, **options),
-        functools.partial(_gpu.flash_decode, block_kv=sizes.block_kv, **options),
+        functools.partial(_decode.decode_tpu, block_kv=block_kv, **options),
+        functools.partial(_gpu.flash_decode, block_kv=block_kv, **options),
         interpret,
         q, k_cache, v_cache, lengths,
     )

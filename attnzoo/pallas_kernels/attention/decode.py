@@ -56,6 +56,8 @@ def decode_xla(q, k_cache, v_cache, lengths, *, window_left, scale, softcap, blo
         m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, MASK_VALUE), axis=-1))
         p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
+        # Unwritten cache slots may hold anything (even NaN): 0 * NaN must not reach the output.
+        v = jnp.where((pos < lengths[:, None])[:, :, None, None], v, 0)
         o = o * alpha[..., None] + jnp.einsum(
             "bhgs,bshd->bhgd", p.astype(v.dtype), v, preferred_element_type=acc
         )
@@ -98,7 +100,9 @@ def _decode_kernel(
         p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
         alpha = jnp.exp(m_prev - m_new)
         l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-        v = v_ref[...]
+        # Unwritten cache slots may hold anything (even NaN): 0 * NaN must not reach the output.
+        key_pos = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)
+        v = jnp.where(key_pos < length, v_ref[...], 0)
         acc_scr[...] = alpha * acc_scr[...] + jnp.dot(
             p.astype(v.dtype), v, preferred_element_type=jnp.float32
         )

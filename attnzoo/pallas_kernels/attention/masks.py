@@ -153,11 +153,13 @@ class PrefixLMMask(Mask):
         return np.zeros_like(q_idx), np.maximum(q_idx + self.offset, self.prefix_len - 1)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class FunctionMask(Mask):
     """Wraps ``mask_mod(q_idx, kv_idx) -> bool`` written with elementwise array operations.
 
-    Equality and hashing are by identity of the function, so block metadata is cached per function.
+    Equality and hashing follow the function's (its identity), so compiled programs and block
+    metadata are reused for the same function; define it once rather than as a fresh lambda
+    per call.
     """
 
     mask_mod: Callable

@@ -1,0 +1,42 @@
+"""Flax NNX layers: token mixers (registered by name) and the pieces they share.
+
+>>> from attnzoo import layers
+>>> layers.list_mixers()
+['attention']
+>>> m = layers.create_mixer("attention", dim=256, num_heads=4, rngs=nnx.Rngs(0), num_kv_heads=2)
+>>> y = m(x)                                   # x [B,T,D] -> [B,T,D]
+"""
+
+from attnzoo.layers.attention import Attention, KVCache
+from attnzoo.layers.common import (
+    MLP,
+    Dense,
+    LayerNorm,
+    MeshAxes,
+    RMSNorm,
+    RotaryEmbedding,
+    ShortConvolution,
+    apply_rope,
+    partitioned,
+    shard_map_batch_heads,
+)
+from attnzoo.layers.registry import create_mixer, get_mixer_class, list_mixers, register_mixer
+
+__all__ = [
+    "Attention",
+    "KVCache",
+    "Dense",
+    "MLP",
+    "LayerNorm",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "apply_rope",
+    "ShortConvolution",
+    "MeshAxes",
+    "partitioned",
+    "shard_map_batch_heads",
+    "create_mixer",
+    "get_mixer_class",
+    "list_mixers",
+    "register_mixer",
+]

@@ -1,0 +1,357 @@
+"""Softmax attention mixer: GQA/MQA, RoPE, QK-norm, sliding window, softcap, KV-cache decoding.
+
+>>> m = Attention(dim=256, num_heads=8, num_kv_heads=2, rngs=nnx.Rngs(0))
+>>> y = m(x)                                   # x [B,T,256] -> [B,T,256], causal
+>>> cache = m.init_cache(batch=B, max_len=1024)
+>>> y, cache = m(prompt, cache=cache)          # prefill (T > 1)
+>>> y, cache = m(token, cache=cache)           # one decoding step (T == 1)
+
+Parameters (logical axis names in parentheses):
+  ``q_proj.kernel [D, Hq, Dh]`` (embed, heads, head_dim), ``k_proj``/``v_proj.kernel [D, Hkv, Dh]``
+  (embed, kv_heads, head_dim), ``o_proj.kernel [Hq, Dh, D]`` (heads, head_dim, embed); optional
+  biases; with ``qk_norm`` the scales ``q_norm.scale``/``k_norm.scale [Dh]`` (norm).
+
+Cache: :class:`KVCache` ``(k [B,S,Hkv,Dh], v [B,S,Hkv,Dh], lengths [B] int32)``, a pytree.
+``lengths[b]`` is the number of tokens row ``b`` holds, which is also the position of its next token,
+so rows may be at different positions. Keys are stored after RoPE and QK-norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from attnzoo import pallas_kernels as pk
+from attnzoo.layers.common import (
+    DType,
+    Dense,
+    MeshAxes,
+    RMSNorm,
+    apply_rope,
+    check_float,
+    check_input,
+    check_int,
+    check_window,
+    head_shards,
+    shard_map_batch_heads,
+)
+from attnzoo.layers.registry import register_mixer
+from attnzoo.pallas_kernels import common as pk_common
+
+__all__ = ["Attention", "KVCache"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Key/value cache of one attention layer.
+
+    Attributes:
+      k: ``[B, S, Hkv, Dh]`` keys (after RoPE and QK-norm). v: ``[B, S, Hkv, Dh]`` values.
+      lengths: ``[B]`` int32, tokens held per row (= position of the row's next token).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+
+def _write_rows(cache: jax.Array, update: jax.Array, starts: jax.Array) -> jax.Array:
+    """Writes ``update [B,T,...]`` into ``cache [B,S,...]`` at a per-row time offset ``starts [B]``."""
+    return jax.vmap(lambda row, new, start: jax.lax.dynamic_update_slice_in_dim(row, new, start, axis=0))(
+        cache, update.astype(cache.dtype), starts
+    )
+
+
+@register_mixer("attention")
+class Attention(nnx.Module):
+    """Multi-head softmax attention (MHA / GQA / MQA) over ``pk.attention``.
+
+    Args:
+      dim: model width ``D``.
+      num_heads: query heads ``Hq``.
+      num_kv_heads: key/value heads ``Hkv`` (divides ``num_heads``); default ``num_heads``.
+      head_dim: features per head; default ``dim // num_heads`` (then ``num_heads`` must divide ``dim``).
+      causal: causal masking (required for decoding with a cache).
+      window: ``(left, right)`` sliding window (token ``i`` sees ``i-left .. i+right``; a side may be
+        None = unbounded) or None. With ``causal`` only ``left`` matters.
+      use_rope / rope_theta / rotary_dim: rotary embedding of q and k (rotate-half convention).
+      qk_norm: RMSNorm over ``head_dim`` of each query and key head (before RoPE); ``qk_norm_eps``.
+      softcap: logit soft-capping ``c * tanh(s / c)``, or None. scale: logit scale, default ``Dh**-0.5``.
+      qkv_bias / out_bias: biases on the input / output projections.
+      impl: "auto" | "xla" | "pallas" | "reference", passed to the op. block_sizes: the op's.
+      mesh_axes: mesh axes that shard batch and heads when a Pallas call is wrapped in
+        ``jax.shard_map`` under an active mesh (see :class:`attnzoo.layers.common.MeshAxes`).
+      dtype: compute dtype (default: promotion of input and params); softmax statistics are float32.
+      param_dtype: parameter dtype. kernel_init: initializer of the projection kernels.
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        causal: bool = True,
+        window: tuple[int | None, int | None] | None = None,
+        use_rope: bool = True,
+        rope_theta: float = 10000.0,
+        rotary_dim: int | None = None,
+        qk_norm: bool = False,
+        qk_norm_eps: float = 1e-6,
+        softcap: float | None = None,
+        scale: float | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        impl: str = "auto",
+        block_sizes=None,
+        mesh_axes: MeshAxes = MeshAxes(),
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        kernel_init=None,
+        rngs: nnx.Rngs,
+    ):
+        owner = "Attention"
+        self.dim = check_int(owner, "dim", dim)
+        self.num_heads = check_int(owner, "num_heads", num_heads)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        self.num_kv_heads = check_int(owner, "num_kv_heads", num_kv_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"{owner}: num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})"
+            )
+        if head_dim is None:
+            if self.dim % self.num_heads:
+                raise ValueError(
+                    f"{owner}: num_heads ({self.num_heads}) must divide dim ({self.dim}) when head_dim is not given"
+                )
+            head_dim = self.dim // self.num_heads
+        self.head_dim = check_int(owner, "head_dim", head_dim)
+        if not isinstance(causal, bool):
+            raise TypeError(f"{owner}: causal must be a bool, got {type(causal).__name__}")
+        self.causal = causal
+        self.window = check_window(owner, window)
+        self.use_rope = bool(use_rope)
+        self.rope_theta = check_float(owner, "rope_theta", rope_theta)
+        rotary_dim = self.head_dim if rotary_dim is None else check_int(owner, "rotary_dim", rotary_dim)
+        if use_rope and (rotary_dim % 2 or rotary_dim > self.head_dim):
+            raise ValueError(f"{owner}: rotary_dim must be even and <= head_dim ({self.head_dim}), got {rotary_dim}")
+        self.rotary_dim = rotary_dim
+        self.softcap = check_float(owner, "softcap", softcap, allow_none=True)
+        self.scale = check_float(owner, "scale", scale, allow_none=True)
+        if impl not in pk_common.IMPLS:
+            raise ValueError(f"{owner}: impl must be one of {pk_common.IMPLS}, got {impl!r}")
+        self.impl = impl
+        self.block_sizes = block_sizes
+        if not isinstance(mesh_axes, MeshAxes):
+            raise TypeError(f"{owner}: mesh_axes must be a MeshAxes, got {type(mesh_axes).__name__}")
+        self.mesh_axes = mesh_axes
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+        dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+        heads, kv_heads, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        self.q_proj = Dense(dim, (heads, dh), logical_axes=("embed", "heads", "head_dim"), use_bias=qkv_bias, **dense)
+        self.k_proj = Dense(dim, (kv_heads, dh), logical_axes=("embed", "kv_heads", "head_dim"), use_bias=qkv_bias, **dense)
+        self.v_proj = Dense(dim, (kv_heads, dh), logical_axes=("embed", "kv_heads", "head_dim"), use_bias=qkv_bias, **dense)
+        self.o_proj = Dense((heads, dh), dim, logical_axes=("heads", "head_dim", "embed"), use_bias=out_bias, **dense)
+        if qk_norm:
+            norm = dict(epsilon=qk_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.q_norm = RMSNorm(dh, **norm)
+            self.k_norm = RMSNorm(dh, **norm)
+        else:
+            self.q_norm = None
+            self.k_norm = None
+
+    # ------------------------------------------------------------------------------------------
+    # Cache
+    # ------------------------------------------------------------------------------------------
+
+    def init_cache(self, batch: int, max_len: int, dtype: DType | None = None) -> KVCache:
+        """An empty cache for ``batch`` rows of up to ``max_len`` tokens.
+
+        ``dtype`` defaults to the compute dtype (or ``param_dtype`` when that is None).
+        """
+        if not self.causal:
+            raise ValueError("Attention: a KV cache needs causal=True")
+        batch = check_int("Attention.init_cache", "batch", batch)
+        max_len = check_int("Attention.init_cache", "max_len", max_len)
+        dtype = jnp.dtype(dtype or self.dtype or self.param_dtype)
+        shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        valid_lengths: jax.Array | None = None,
+    ):
+        """Attention over a sequence, or a prefill / decoding step against a cache.
+
+        Args:
+          x: ``[B, T, D]``.
+          segment_ids: ``[B, T]`` ints, packed documents (tokens attend within their segment).
+            Not combined with ``cache``.
+          positions: ``[B, T]`` (or ``[T]``) RoPE positions; default ``arange(T)``, or with a cache
+            ``cache.lengths[b] + arange(T)``. Packed documents pass positions restarting at 0.
+          cache: a :class:`KVCache` from :meth:`init_cache`. x is written at each row's position;
+            T > 1 is a prefill (chunk), T == 1 one decoding step.
+          valid_lengths: with a cache, ``[B]`` number of real (non-padding) tokens of x per row
+            (right padding; default T): each row's length advances by its own count, so prompts
+            of different lengths are prefilled together. Outputs at padding positions are
+            unspecified.
+
+        Returns ``y [B, T, D]`` in the compute dtype; with a cache ``(y, new_cache)``. If a row
+        would overflow the cache (``lengths[b] + T > max_len``) its outputs are NaN (and a
+        ``ValueError`` is raised when the lengths are concrete).
+
+        A prefill attends over the whole cache (each row rolled so its newest token is last, with
+        key segment ids hiding unwritten slots), so it costs ``O(T * max_len)``. The decoding step
+        uses ``pk.attention_decode``, which is forward-only for the xla and pallas impls.
+        """
+        check_input("Attention", x, ndim=3, last=self.dim, layout="[B,T,D]")
+        batch, length, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cache is None:
+            if valid_lengths is not None:
+                raise ValueError("Attention: valid_lengths needs a cache (use segment_ids for packing)")
+            if positions is None:
+                positions = jnp.arange(length, dtype=jnp.int32)[None, :]
+            q, k = self._rope(q, positions), self._rope(k, positions)
+            if segment_ids is not None:
+                segment_ids = jnp.asarray(segment_ids)
+                if segment_ids.shape != (batch, length) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+                    raise ValueError(
+                        f"Attention: segment_ids must be an int array of shape {(batch, length)} [B,T], "
+                        f"got {segment_ids.dtype}{tuple(segment_ids.shape)}"
+                    )
+                segments = (segment_ids, segment_ids)
+            else:
+                segments = None
+            out = self._attend(q, k, v, segments)
+            return self.o_proj(out.astype(q.dtype))
+        if segment_ids is not None:
+            raise ValueError("Attention: segment_ids cannot be combined with a cache; decode one sequence per row")
+        out, cache = self._attend_cached(q, k, v, cache, positions, valid_lengths)
+        return self.o_proj(out.astype(q.dtype)), cache
+
+    def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        if not self.use_rope:
+            return x
+        return apply_rope(x, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
+
+    def _uses_pallas(self) -> bool:
+        return pk_common.resolve_impl(self.impl, "Attention") == "pallas"
+
+    def _kv_for_head_sharding(self, k: jax.Array, v: jax.Array):
+        """Repeats k/v heads so each head shard holds whole groups when ``Hkv`` does not divide by
+        the head mesh axis but ``Hq`` does (e.g. MQA under tensor parallelism)."""
+        shards = head_shards(self.mesh_axes)
+        if shards == 1 or self.num_kv_heads % shards == 0 or self.num_heads % shards:
+            return k, v
+        repeats = int(np.lcm(self.num_kv_heads, shards)) // self.num_kv_heads
+        return jnp.repeat(k, repeats, axis=2), jnp.repeat(v, repeats, axis=2)
+
+    def _attend(self, q, k, v, segments):
+        """``pk.attention`` (shard-mapped over batch and heads for Pallas under a mesh)."""
+        options = dict(causal=self.causal, window=self.window, scale=self.scale, softcap=self.softcap, impl=self.impl)
+        if self.block_sizes is not None:
+            options["block_sizes"] = self.block_sizes
+
+        if segments is None:
+            def attend(q, k, v):
+                return pk.attention(q, k, v, **options)
+            args, layouts = (q, k, v), ("BTHD", "BSHD", "BSHD")
+        else:
+            def attend(q, k, v, q_ids, kv_ids):
+                return pk.attention(q, k, v, segment_ids=(q_ids, kv_ids), **options)
+            args, layouts = (q, k, v, *segments), ("BTHD", "BSHD", "BSHD", "BT", "BS")
+        if not self._uses_pallas():
+            return attend(*args)
+        k, v = self._kv_for_head_sharding(k, v)
+        args = (q, k, v) + tuple(args[3:])
+        return shard_map_batch_heads(attend, args, layouts, "BTHD", self.mesh_axes, owner="Attention")
+
+    def _decode(self, q, k_cache, v_cache, lengths):
+        """``pk.attention_decode`` for q ``[B,Hq,Dh]`` (shard-mapped for Pallas under a mesh)."""
+        options = dict(window=self.window, scale=self.scale, softcap=self.softcap, impl=self.impl)
+
+        def decode(q, k_cache, v_cache, lengths):
+            return pk.attention_decode(q, k_cache, v_cache, lengths, **options)
+
+        if not self._uses_pallas():
+            return decode(q, k_cache, v_cache, lengths)
+        k_cache, v_cache = self._kv_for_head_sharding(k_cache, v_cache)
+        return shard_map_batch_heads(
+            decode, (q, k_cache, v_cache, lengths), ("BHD", "BSHD", "BSHD", "B"), "BHD", self.mesh_axes,
+            owner="Attention",
+        )
+
+    def _attend_cached(self, q, k, v, cache: KVCache, positions, valid_lengths):
+        """Writes k/v at each row's position, attends over the cache; returns (out, new cache)."""
+        if not self.causal:
+            raise ValueError("Attention: a KV cache needs causal=True")
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"Attention: cache must be a KVCache from init_cache, got {type(cache).__name__}")
+        batch, length = q.shape[:2]
+        max_len = cache.max_len
+        want = (batch, max_len, self.num_kv_heads, self.head_dim)
+        if cache.k.shape != want or cache.v.shape != want or cache.lengths.shape != (batch,):
+            raise ValueError(
+                f"Attention: cache must hold k, v {want} [B,S,Hkv,Dh] and lengths ({batch},), got "
+                f"k {cache.k.shape}, v {cache.v.shape}, lengths {cache.lengths.shape}"
+            )
+        starts = cache.lengths.astype(jnp.int32)
+        if not isinstance(starts, jax.core.Tracer) and int(jnp.max(starts)) + length > max_len:
+            raise ValueError(
+                f"Attention: cache overflow: a row holds {int(jnp.max(starts))} tokens, writing {length} "
+                f"more exceeds max_len={max_len}"
+            )
+        if valid_lengths is None:
+            advance = jnp.full((batch,), length, jnp.int32)
+        else:
+            advance = jnp.asarray(valid_lengths)
+            if advance.shape != (batch,) or not jnp.issubdtype(advance.dtype, jnp.integer):
+                raise ValueError(f"Attention: valid_lengths must be an int array of shape ({batch},), got {advance.dtype}{advance.shape}")
+            advance = jnp.clip(advance.astype(jnp.int32), 0, length)
+        if positions is None:
+            positions = starts[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+        q, k = self._rope(q, positions), self._rope(k, positions)
+
+        k_all = _write_rows(cache.k, k, starts)
+        v_all = _write_rows(cache.v, v, starts)
+        ends = starts + length
+        if length == 1:
+            out = self._decode(q[:, 0], k_all.astype(q.dtype), v_all.astype(q.dtype), ends)[:, None]
+        else:
+            # Roll each row so its newest token sits at S-1: then the op's bottom-right-aligned
+            # causal/window mask (offset S-T) is exactly each row's mask, and kv segment ids
+            # exclude the slots no token has been written to.
+            shifts = max_len - ends
+            roll = jax.vmap(lambda row, shift: jnp.roll(row, shift, axis=0))
+            k_view, v_view = roll(k_all, shifts).astype(q.dtype), roll(v_all, shifts).astype(q.dtype)
+            kv_ids = (jnp.arange(max_len, dtype=jnp.int32)[None, :] >= shifts[:, None]).astype(jnp.int32)
+            q_ids = jnp.ones((batch, length), jnp.int32)
+            out = self._attend(q, k_view, v_view, (q_ids, kv_ids))
+        overflow = ends > max_len
+        out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
+        return out, KVCache(k_all, v_all, starts + advance)

@@ -1,0 +1,715 @@
+"""Pieces every mixer shares: parameter annotation, mesh helpers, norms, MLP, RoPE, short convolution.
+
+Logical axis names
+------------------
+Parameters carry logical axis names (``nnx.with_partitioning``); a config maps them to mesh axes
+with ``nnx.logical_axis_rules`` (layer code never names a mesh axis for a parameter):
+
+==============  ================================================================
+``embed``       model width ``D`` (input of q/k/v and MLP, output of o and MLP)
+``heads``       query heads ``Hq``
+``kv_heads``    key/value heads ``Hkv`` (GQA/MQA)
+``head_dim``    features per head
+``mlp``         MLP hidden width
+``norm``        norm scale / bias vectors
+``conv_kernel`` taps of a short convolution
+==============  ================================================================
+
+A parameter is sharded eagerly at creation only when a mesh is active and either logical rules are
+set or every name is itself a mesh axis; otherwise the names are kept as metadata only (read them
+with ``nnx.get_partition_spec``), so layers can be built without a mesh.
+
+Activation sharding for Pallas calls: the SPMD partitioner does not partition Pallas kernels, so
+:func:`shard_map_batch_heads` runs a per-shard function under ``jax.shard_map`` over the mesh axes
+named by a :class:`MeshAxes` (default batch ``("data", "fsdp")``, heads ``"tensor"``). Without a
+mesh it simply calls the function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import flax.core.spmd as flax_spmd
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+Initializer = Callable[..., jax.Array]
+DType = Any
+
+__all__ = [
+    "MeshAxes",
+    "partitioned",
+    "active_mesh",
+    "head_shards",
+    "shard_map_batch_heads",
+    "compute_dtype",
+    "project",
+    "RMSNorm",
+    "LayerNorm",
+    "Dense",
+    "MLP",
+    "RotaryEmbedding",
+    "apply_rope",
+    "rope_inv_frequencies",
+    "ShortConvolution",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks (errors name the argument, what was seen and what was expected)
+# ----------------------------------------------------------------------------------------------
+
+
+def check_int(owner: str, name: str, value, *, minimum: int = 1) -> int:
+    """Returns ``value`` as an int or raises ``ValueError`` naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_float(owner: str, name: str, value, *, positive: bool = True, allow_none: bool = False):
+    """Returns ``value`` as a float (or None when allowed) or raises ``ValueError``/``TypeError``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{owner}: {name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{owner}: {name} must be a finite {'positive ' if positive else ''}float, got {value!r}")
+    return value
+
+
+def check_window(owner: str, window) -> tuple[int | None, int | None] | None:
+    """``None`` or a ``(left, right)`` pair of non-negative ints (either may be None = unbounded)."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"{owner}: window must be a (left, right) pair or None, got {window!r}")
+    return tuple(None if w is None else check_int(owner, f"window[{i}]", w, minimum=0) for i, w in enumerate(window))
+
+
+def check_input(owner: str, x, *, ndim: int, last: int | None, layout: str):
+    """Raises unless ``x`` is a floating array of rank ``ndim`` whose last axis is ``last``."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{owner}: x must be an array {layout}, got {type(x).__name__}")
+    if x.ndim != ndim or (last is not None and x.shape[-1] != last):
+        want = f" with last axis {last}" if last is not None else ""
+        raise ValueError(f"{owner}: x must have shape {layout}{want}, got {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{owner}: x must have a floating dtype, got {x.dtype}")
+
+
+def check_features(owner: str, x, features: int, layout: str):
+    """Raises unless ``x`` is a floating array of rank >= 1 whose last axis is ``features``."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{owner}: x must be an array {layout}, got {type(x).__name__}")
+    check_input(owner, x, ndim=max(x.ndim, 1), last=features, layout=layout)
+
+
+def compute_dtype(dtype: DType | None, *arrays_or_dtypes) -> DType:
+    """``dtype`` if given, else the promotion of the inputs' and parameters' dtypes (Flax's rule)."""
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    return jnp.result_type(*[getattr(a, "dtype", a) for a in arrays_or_dtypes])
+
+
+def project(x: jax.Array, kernel: jax.Array, equation: str, dtype: DType, bias: jax.Array | None = None):
+    """``einsum(equation, x, kernel) (+ bias)`` with operands in ``dtype``, accumulated in at least
+    float32, result in ``dtype``.
+
+    Accumulating bfloat16 operands into float32 (``preferred_element_type``) is both more accurate
+    and, on CPU, ~3x faster than a bfloat16 result.
+    """
+    accumulate = jnp.promote_types(dtype, jnp.float32)
+    y = jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype), preferred_element_type=accumulate)
+    if bias is not None:
+        y = y + bias.astype(accumulate)
+    return y.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter annotation and mesh helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def active_mesh():
+    """The mesh set with ``jax.set_mesh`` (an ``AbstractMesh``), or None when there is none."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def partitioned(initializer: Initializer, logical_axes: Sequence[str | None]) -> Initializer:
+    """Wraps ``initializer`` so the parameter carries ``logical_axes`` (one name or None per axis).
+
+    Eager sharding (Flax's default) needs a mesh and names it can resolve; it is used only when a
+    mesh is active and logical rules are set (or the names are mesh axes). Otherwise the names are
+    recorded as metadata and the parameter is created unsharded.
+    """
+    logical_axes = tuple(logical_axes)
+    mesh = active_mesh()
+    eager = mesh is not None and (
+        bool(flax_spmd.get_logical_axis_rules())
+        or all(name is None or name in mesh.axis_names for name in logical_axes)
+    )
+    return nnx.with_partitioning(initializer, logical_axes, eager_sharding=eager)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshAxes:
+    """Which mesh axes shard activations for ``shard_map``-wrapped (Pallas) calls.
+
+    Attributes:
+      batch: mesh axes sharing the batch dimension, outermost first. Names absent from the active
+        mesh are ignored.
+      heads: the mesh axis sharding attention heads (tensor parallelism), or None.
+    """
+
+    batch: tuple[str, ...] = ("data", "fsdp")
+    heads: str | None = "tensor"
+
+    def __post_init__(self):
+        batch = (self.batch,) if isinstance(self.batch, str) else tuple(self.batch)
+        object.__setattr__(self, "batch", batch)
+
+
+def _resolved_axes(mesh, mesh_axes: MeshAxes):
+    """The requested axes that exist in ``mesh`` and are not already manual (inside a shard_map)."""
+    usable = set(mesh.axis_names) - set(mesh.manual_axes)
+    batch = tuple(a for a in mesh_axes.batch if a in usable)
+    heads = mesh_axes.heads if mesh_axes.heads in usable else None
+    return batch, heads
+
+
+def head_shards(mesh_axes: MeshAxes) -> int:
+    """Size of the head mesh axis in the active mesh (1 without a mesh or without that axis)."""
+    mesh = active_mesh()
+    if mesh is None:
+        return 1
+    _, heads = _resolved_axes(mesh, mesh_axes)
+    return 1 if heads is None else mesh.shape[heads]
+
+
+def shard_map_batch_heads(
+    fn: Callable[..., jax.Array],
+    args: Sequence[jax.Array],
+    layouts: Sequence[str],
+    out_layout: str,
+    mesh_axes: MeshAxes,
+    *,
+    owner: str = "shard_map_batch_heads",
+) -> jax.Array:
+    """Calls ``fn(*args)`` per shard of batch and heads when a mesh is active, else directly.
+
+    Args:
+      fn: a function of per-shard arrays returning one array (e.g. a Pallas attention call).
+      args: the global arrays.
+      layouts: one string per arg naming its axes: ``"B"`` is sharded over ``mesh_axes.batch``,
+        ``"H"`` over ``mesh_axes.heads``, any other letter is replicated, e.g. ``"BTHD"`` for
+        ``[B,T,H,D]`` activations, ``"BT"`` for segment ids, ``"B"`` for lengths.
+      out_layout: the layout of the result.
+      mesh_axes: the mesh axis names to use.
+
+    Batch is sharded over the longest prefix of ``mesh_axes.batch`` (those present in the mesh)
+    whose total size divides it, heads over ``mesh_axes.heads`` if every head dimension divides by
+    its size; otherwise that dimension is replicated (correct, but every shard computes it).
+    """
+    mesh = active_mesh()
+    if mesh is None or mesh.are_all_axes_manual:
+        return fn(*args)
+    if len(args) != len(layouts):
+        raise ValueError(f"{owner}: {len(args)} arguments but {len(layouts)} layouts")
+    batch_dims, head_dims = [], []
+    for index, (array, layout) in enumerate(zip(args, layouts)):
+        if len(layout) != array.ndim:
+            raise ValueError(f"{owner}: layout {layout!r} does not match argument {index} of shape {array.shape}")
+        batch_dims += [array.shape[axis] for axis, letter in enumerate(layout) if letter == "B"]
+        head_dims += [array.shape[axis] for axis, letter in enumerate(layout) if letter == "H"]
+    candidate_batch, head_axis = _resolved_axes(mesh, mesh_axes)
+    batch_axes, batch_shards = [], 1
+    for axis in candidate_batch:
+        if all(dim % (batch_shards * mesh.shape[axis]) == 0 for dim in batch_dims):
+            batch_axes.append(axis)
+            batch_shards *= mesh.shape[axis]
+        else:
+            break
+    if head_axis is not None and any(dim % mesh.shape[head_axis] for dim in head_dims):
+        head_axis = None
+
+    def spec(layout: str) -> PartitionSpec:
+        entries = []
+        for letter in layout:
+            if letter == "B" and batch_axes:
+                entries.append(tuple(batch_axes) if len(batch_axes) > 1 else batch_axes[0])
+            elif letter == "H" and head_axis is not None:
+                entries.append(head_axis)
+            else:
+                entries.append(None)
+        return PartitionSpec(*entries)
+
+    mapped = jax.shard_map(
+        fn,
+        in_specs=tuple(spec(layout) for layout in layouts),
+        out_specs=spec(out_layout),
+        check_vma=False,
+    )
+    return mapped(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Norms
+# ----------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm over the last axis: ``x / sqrt(mean(x^2) + eps) * scale``.
+
+    Statistics are computed in float32 (or wider); the result is in ``dtype`` (default: the
+    promotion of the input and parameter dtypes).
+
+    Args:
+      num_features: size of the normalised (last) axis.
+      epsilon: added to the mean square.
+      use_scale: learn a ``[num_features]`` scale (initialised to ones).
+      dtype: compute/output dtype. param_dtype: dtype of the scale.
+      logical_axes: logical name of the scale's axis.
+      rngs: unused (accepted for a uniform constructor).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        use_scale: bool = True,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        logical_axes: tuple[str | None] = ("norm",),
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.num_features = check_int("RMSNorm", "num_features", num_features)
+        self.epsilon = check_float("RMSNorm", "epsilon", epsilon)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.scale = (
+            nnx.Param(partitioned(nnx.initializers.ones, logical_axes)(None, (num_features,), param_dtype))
+            if use_scale
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x ``[..., num_features]`` -> same shape in the compute dtype."""
+        check_features("RMSNorm", x, self.num_features, "[..., F]")
+        dtype = compute_dtype(self.dtype, x, self.param_dtype)
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        xf = x.astype(stat_dtype)
+        mean_square = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+        y = xf * jax.lax.rsqrt(mean_square + self.epsilon)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(stat_dtype)
+        return y.astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Layer norm over the last axis: ``(x - mean) / sqrt(var + eps) * scale + bias``.
+
+    Statistics in float32 (or wider); result in ``dtype`` (default: promotion of input and params).
+
+    Args:
+      num_features: size of the normalised (last) axis.
+      epsilon: added to the variance.
+      use_scale / use_bias: learn ``[num_features]`` scale (ones) / bias (zeros).
+      dtype, param_dtype, logical_axes, rngs: as in :class:`RMSNorm`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        logical_axes: tuple[str | None] = ("norm",),
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.num_features = check_int("LayerNorm", "num_features", num_features)
+        self.epsilon = check_float("LayerNorm", "epsilon", epsilon)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        shape = (num_features,)
+        self.scale = (
+            nnx.Param(partitioned(nnx.initializers.ones, logical_axes)(None, shape, param_dtype)) if use_scale else None
+        )
+        self.bias = (
+            nnx.Param(partitioned(nnx.initializers.zeros, logical_axes)(None, shape, param_dtype)) if use_bias else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x ``[..., num_features]`` -> same shape in the compute dtype."""
+        check_features("LayerNorm", x, self.num_features, "[..., F]")
+        dtype = compute_dtype(self.dtype, x, self.param_dtype)
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        xf = x.astype(stat_dtype)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        centred = xf - mean
+        variance = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(variance + self.epsilon)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(stat_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(stat_dtype)
+        return y.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense projections and the MLP
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_shape(owner: str, name: str, features) -> tuple[int, ...]:
+    features = (features,) if isinstance(features, (int, np.integer)) else tuple(features)
+    if not features:
+        raise ValueError(f"{owner}: {name} must be an int or a non-empty tuple of ints, got {features!r}")
+    return tuple(check_int(owner, f"{name}[{i}]", f) for i, f in enumerate(features))
+
+
+class Dense(nnx.Module):
+    """A linear map over several trailing axes: ``x [..., *in_features] -> [..., *out_features]``.
+
+    The kernel is ``[*in_features, *out_features]`` (e.g. ``[D, H, Dh]`` for a query projection,
+    so heads can be sharded as their own axis), initialised Lecun-normal with fan-in the product of
+    ``in_features``. Operands are cast to the compute dtype and accumulated in at least float32.
+
+    Args:
+      in_features / out_features: an int or a tuple of ints.
+      logical_axes: one logical name per kernel axis (see the module docstring); the bias uses the
+        names of the output axes.
+      use_bias: learn a bias ``[*out_features]`` (zeros).
+      dtype: compute dtype (default: promotion of input and params). param_dtype: parameter dtype.
+      kernel_init: an ``nnx.initializers`` initializer for the kernel shape.
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+    """
+
+    def __init__(
+        self,
+        in_features: int | Sequence[int],
+        out_features: int | Sequence[int],
+        *,
+        logical_axes: Sequence[str | None],
+        use_bias: bool = False,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        kernel_init: Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = _as_shape("Dense", "in_features", in_features)
+        self.out_features = _as_shape("Dense", "out_features", out_features)
+        num_in, num_out = len(self.in_features), len(self.out_features)
+        logical_axes = tuple(logical_axes)
+        if len(logical_axes) != num_in + num_out:
+            raise ValueError(
+                f"Dense: logical_axes needs {num_in + num_out} names for kernel shape "
+                f"{self.in_features + self.out_features}, got {logical_axes!r}"
+            )
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        if kernel_init is None:
+            kernel_init = nnx.initializers.variance_scaling(
+                1.0, "fan_in", "truncated_normal",
+                in_axis=tuple(range(num_in)), out_axis=tuple(range(num_in, num_in + num_out)),
+            )
+        shape = self.in_features + self.out_features
+        self.kernel = nnx.Param(partitioned(kernel_init, logical_axes)(rngs.params(), shape, param_dtype))
+        self.bias = (
+            nnx.Param(partitioned(nnx.initializers.zeros, logical_axes[num_in:])(None, self.out_features, param_dtype))
+            if use_bias
+            else None
+        )
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        in_letters, out_letters = letters[:num_in], letters[num_in : num_in + num_out]
+        self._equation = f"...{in_letters},{in_letters}{out_letters}->...{out_letters}"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x ``[..., *in_features]`` -> ``[..., *out_features]`` in the compute dtype."""
+        num_in = len(self.in_features)
+        if not hasattr(x, "shape") or x.ndim < num_in or tuple(x.shape[x.ndim - num_in :]) != self.in_features:
+            raise ValueError(f"Dense: x must end in axes {self.in_features}, got shape {getattr(x, 'shape', None)}")
+        dtype = compute_dtype(self.dtype, x, self.param_dtype)
+        bias = None if self.bias is None else self.bias[...]
+        return project(x, self.kernel[...], self._equation, dtype, bias)
+
+
+class MLP(nnx.Module):
+    """Feed-forward block ``[..., D] -> [..., D]``.
+
+    ``kind="swiglu"``: ``down(silu(gate(x)) * up(x))`` (Llama); ``kind="gelu"``: ``down(gelu(up(x)))``
+    (ViT/GPT). Kernels: ``gate``/``up`` ``[D, hidden]`` (``("embed", "mlp")``), ``down``
+    ``[hidden, D]`` (``("mlp", "embed")``); optional biases.
+
+    Args:
+      dim: model width ``D``.
+      hidden_dim: hidden width; default ``4 * dim`` for gelu and ``8 * dim / 3`` rounded up to a
+        multiple of ``multiple_of`` for swiglu (about the parameter count of gelu's ``4 * dim``).
+      kind: "swiglu" or "gelu". use_bias: learn biases. approximate_gelu: tanh GELU instead of erf.
+      multiple_of: rounding of the default swiglu hidden width.
+      dtype: compute dtype (default: promotion of input and params). param_dtype: kernel dtype.
+      kernel_init: initializer of the three kernels (default Lecun normal).
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int | None = None,
+        *,
+        kind: str = "swiglu",
+        use_bias: bool = False,
+        approximate_gelu: bool = False,
+        multiple_of: int = 8,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        kernel_init: Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.dim = check_int("MLP", "dim", dim)
+        if kind not in ("swiglu", "gelu"):
+            raise ValueError(f"MLP: kind must be 'swiglu' or 'gelu', got {kind!r}")
+        multiple_of = check_int("MLP", "multiple_of", multiple_of)
+        if hidden_dim is None:
+            hidden_dim = 4 * dim if kind == "gelu" else -(-int(8 * dim / 3) // multiple_of) * multiple_of
+        self.hidden_dim = check_int("MLP", "hidden_dim", hidden_dim)
+        self.kind = kind
+        self.approximate_gelu = approximate_gelu
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        options = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+        self.up = Dense(dim, self.hidden_dim, logical_axes=("embed", "mlp"), **options)
+        self.gate = Dense(dim, self.hidden_dim, logical_axes=("embed", "mlp"), **options) if kind == "swiglu" else None
+        self.down = Dense(self.hidden_dim, dim, logical_axes=("mlp", "embed"), **options)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x ``[..., D]`` -> ``[..., D]`` in the compute dtype."""
+        check_features("MLP", x, self.dim, "[..., D]")
+        up = self.up(x)
+        if self.gate is not None:
+            hidden = jax.nn.silu(self.gate(x)) * up
+        else:
+            hidden = jax.nn.gelu(up, approximate=self.approximate_gelu)
+        return self.down(hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_inv_frequencies(rotary_dim: int, theta: float) -> jax.Array:
+    """``theta ** (-2i / rotary_dim)`` for ``i < rotary_dim / 2``, float32 ``[rotary_dim // 2]``."""
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim
+    return jnp.asarray(1.0 / (theta**exponents), jnp.float32)
+
+
+def apply_rope(
+    x: jax.Array,
+    positions: jax.Array,
+    *,
+    theta: float = 10000.0,
+    rotary_dim: int | None = None,
+) -> jax.Array:
+    """Rotary position embedding, rotate-half convention (Llama / Hugging Face / GPT-NeoX).
+
+    The first ``rotary_dim`` features (default: all) are split in halves ``(x1, x2)`` and rotated:
+    ``(x1 cos - x2 sin, x2 cos + x1 sin)`` with angle ``position * theta ** (-2i / rotary_dim)``.
+    Remaining features pass through unchanged.
+
+    Args:
+      x: ``[B, T, H, D]`` (any float dtype).
+      positions: ``[B, T]`` or ``[T]`` int positions; packed sequences restart them per document.
+      theta: the RoPE base. rotary_dim: even number of rotated features, ``<= D``.
+
+    Returns ``[B, T, H, D]`` in x's dtype; angles and the rotation are computed in float32.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"apply_rope: x must have shape [B,T,H,D], got {tuple(x.shape)}")
+    head_dim = x.shape[-1]
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"apply_rope: rotary_dim must be even and in (0, {head_dim}], got {rotary_dim}")
+    positions = jnp.asarray(positions)
+    if positions.ndim == 1:
+        positions = positions[None, :]
+    if positions.ndim != 2 or positions.shape[-1] != x.shape[1] or positions.shape[0] not in (1, x.shape[0]):
+        raise ValueError(
+            f"apply_rope: positions must have shape [B,T] or [T] = {tuple(x.shape[:2])}, got {tuple(positions.shape)}"
+        )
+    compute = jnp.promote_types(x.dtype, jnp.float32)
+    angles = positions.astype(compute)[:, :, None] * rope_inv_frequencies(rotary_dim, theta).astype(compute)
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    rotated, passthrough = x[..., :rotary_dim].astype(compute), x[..., rotary_dim:]
+    first, second = jnp.split(rotated, 2, axis=-1)
+    out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(x.dtype)
+    return jnp.concatenate([out, passthrough], axis=-1) if rotary_dim < head_dim else out
+
+
+class RotaryEmbedding(nnx.Module):
+    """Rotary position embedding as a (parameter-free) module; see :func:`apply_rope`.
+
+    Args:
+      head_dim: features per head ``D``. theta: the RoPE base.
+      rotary_dim: rotated features (even, default ``head_dim``), the rest pass through.
+    """
+
+    def __init__(self, head_dim: int, *, theta: float = 10000.0, rotary_dim: int | None = None):
+        self.head_dim = check_int("RotaryEmbedding", "head_dim", head_dim)
+        self.theta = check_float("RotaryEmbedding", "theta", theta)
+        rotary_dim = head_dim if rotary_dim is None else check_int("RotaryEmbedding", "rotary_dim", rotary_dim)
+        if rotary_dim % 2 or rotary_dim > head_dim:
+            raise ValueError(f"RotaryEmbedding: rotary_dim must be even and <= head_dim={head_dim}, got {rotary_dim}")
+        self.rotary_dim = rotary_dim
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """x ``[B,T,H,head_dim]``, positions ``[B,T]`` or ``[T]`` -> rotated x (same dtype)."""
+        if x.shape[-1] != self.head_dim:
+            raise ValueError(f"RotaryEmbedding: x's last axis must be head_dim={self.head_dim}, got {tuple(x.shape)}")
+        return apply_rope(x, positions, theta=self.theta, rotary_dim=self.rotary_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# Short causal convolution
+# ----------------------------------------------------------------------------------------------
+
+
+class ShortConvolution(nnx.Module):
+    """Depthwise causal convolution over time (as in Mamba, DeltaNet, GLA's short conv).
+
+    ``y[t, c] = act(bias[c] + sum_k weight[k, c] * x[t - (K-1) + k, c])``: ``weight[K-1]`` multiplies
+    the current token. With ``segment_ids``, taps reaching into another segment read zero, so packed
+    documents do not leak into each other.
+
+    Decoding: ``state = m.init_state(batch)`` holds the last ``K-1`` inputs ``[B, K-1, C]``;
+    ``y_t, state = m.step(x_t, state)`` equals the full forward token by token. A full forward can
+    start from a state and return its final state (``state=``, ``return_state=True``).
+
+    Args:
+      channels: ``C``. kernel_size: ``K`` (default 4). activation: "silu" or None.
+      use_bias: learn a ``[C]`` bias. dtype / param_dtype: compute / parameter dtypes.
+      logical_axes: names of the weight's ``[K, C]`` axes (default ``("conv_kernel", "embed")``).
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+
+    Parameters: ``weight [K, C]`` (uniform in ``+-1/sqrt(K)``, PyTorch's Conv1d default), ``bias [C]``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 4,
+        *,
+        activation: str | None = "silu",
+        use_bias: bool = False,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        logical_axes: tuple[str | None, str | None] = ("conv_kernel", "embed"),
+        rngs: nnx.Rngs,
+    ):
+        self.channels = check_int("ShortConvolution", "channels", channels)
+        self.kernel_size = check_int("ShortConvolution", "kernel_size", kernel_size)
+        if activation not in (None, "silu"):
+            raise ValueError(f"ShortConvolution: activation must be 'silu' or None, got {activation!r}")
+        self.activation = activation
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=0, out_axis=1)
+        self.weight = nnx.Param(partitioned(init, logical_axes)(rngs.params(), (kernel_size, channels), param_dtype))
+        self.bias = (
+            nnx.Param(partitioned(nnx.initializers.zeros, logical_axes[1:])(None, (channels,), param_dtype))
+            if use_bias
+            else None
+        )
+
+    def init_state(self, batch: int, dtype: DType | None = None) -> jax.Array:
+        """Zero decoding state ``[batch, K-1, C]`` (dtype default: compute dtype or param dtype)."""
+        dtype = dtype or self.dtype or self.param_dtype
+        return jnp.zeros((batch, self.kernel_size - 1, self.channels), dtype)
+
+    def _finish(self, y: jax.Array, dtype) -> jax.Array:
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        if self.activation == "silu":
+            y = jax.nn.silu(y)
+        return y.astype(dtype)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        state: jax.Array | None = None,
+        return_state: bool = False,
+        lengths: jax.Array | None = None,
+    ):
+        """Full causal convolution.
+
+        Args:
+          x: ``[B, T, C]``.
+          segment_ids: ``[B, T]`` ints; taps never cross a segment boundary.
+          state: ``[B, K-1, C]`` previous inputs (e.g. from a prefill); default zeros. Ignored by
+            positions whose taps stay inside a segment that started in this call.
+          return_state: also return the state after the last token (or after ``lengths[b]`` tokens).
+          lengths: ``[B]`` valid tokens per row (right padding) used for the returned state.
+
+        Returns ``y [B, T, C]`` in the compute dtype, and with ``return_state`` the new state
+        ``[B, K-1, C]`` in the state's dtype.
+        """
+        check_input("ShortConvolution", x, ndim=3, last=self.channels, layout="[B,T,C]")
+        batch, length, _ = x.shape
+        dtype = compute_dtype(self.dtype, x, self.param_dtype)
+        accumulate = jnp.promote_types(dtype, jnp.float32)
+        taps = self.kernel_size - 1
+        if state is None:
+            state = self.init_state(batch, dtype)
+        elif state.shape != (batch, taps, self.channels):
+            raise ValueError(
+                f"ShortConvolution: state must have shape {(batch, taps, self.channels)} [B,K-1,C], got {state.shape}"
+            )
+        if segment_ids is not None and tuple(segment_ids.shape) != (batch, length):
+            raise ValueError(f"ShortConvolution: segment_ids must have shape {(batch, length)} [B,T], got {segment_ids.shape}")
+        history = jnp.concatenate([state.astype(accumulate), x.astype(accumulate)], axis=1)  # [B, K-1+T, C]
+        weight = self.weight[...].astype(accumulate)
+        y = jnp.zeros((batch, length, self.channels), accumulate)
+        if segment_ids is not None:
+            # starts[t]: token t begins a new segment. The state counts as the first segment's past.
+            starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+            starts_padded = jnp.pad(starts, ((0, 0), (taps, 0)))
+            no_boundary = jnp.ones((batch, length), bool)
+        for lag in range(self.kernel_size):
+            shifted = history[:, taps - lag : taps - lag + length]  # x[t - lag] (from state when t < lag)
+            if segment_ids is not None and lag > 0:
+                # Tap t - lag is read only if no segment starts in (t - lag, t].
+                no_boundary = no_boundary & ~starts_padded[:, taps - lag + 1 : taps - lag + 1 + length]
+                shifted = shifted * no_boundary[..., None].astype(accumulate)
+            y = y + shifted * weight[taps - lag]
+        y = self._finish(y, dtype)
+        if not return_state:
+            return y
+        if lengths is None:
+            new_state = history[:, length:]
+        else:
+            lengths = jnp.asarray(lengths, jnp.int32)
+            new_state = jax.vmap(lambda h, n: jax.lax.dynamic_slice_in_dim(h, n, taps, axis=0))(history, lengths)
+        return y, new_state.astype(state.dtype)
+
+    def step(self, x_t: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One decoding step: x_t ``[B, C]``, state ``[B, K-1, C]`` -> (y_t ``[B, C]``, new state)."""
+        check_input("ShortConvolution.step", x_t, ndim=2, last=self.channels, layout="[B,C]")
+        dtype = compute_dtype(self.dtype, x_t, self.param_dtype)
+        accumulate = jnp.promote_types(dtype, jnp.float32)
+        window = jnp.concatenate([state.astype(accumulate), x_t[:, None, :].astype(accumulate)], axis=1)  # [B,K,C]
+        y = jnp.einsum("bkc,kc->bc", window, self.weight[...].astype(accumulate))
+        return self._finish(y, dtype), window[:, 1:].astype(state.dtype)
