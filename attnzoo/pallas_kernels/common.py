@@ -54,6 +54,17 @@ def run_pallas(
     return tpu_fn(*args, interpret=interpret)
 
 
+def explicit_mesh_axes() -> tuple[str, ...]:
+    """Names of the active mesh's Explicit axes (empty without a mesh or with Auto axes)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    return tuple(
+        name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+        if kind == jax.sharding.AxisType.Explicit
+    )
+
+
 def check_interpret(interpret, op: str):
     from jax.experimental.pallas import tpu as pltpu
 

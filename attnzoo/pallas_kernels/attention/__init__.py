@@ -194,10 +194,19 @@ def attention(
         block_sizes = _check_block_sizes(block_sizes, XlaBlockSizes, _OP)
     elif impl == "pallas":
         block_sizes = _check_block_sizes(block_sizes, BlockSizes, _OP)
-    out, lse = _attention_jit(
-        q, k, v, segments, impl=impl, mask=full_mask, scale=scale, softcap=softcap,
+    run = functools.partial(
+        _attention_jit, impl=impl, mask=full_mask, scale=scale, softcap=softcap,
         block_sizes=block_sizes if impl != "reference" else None, interpret=interpret,
     )
+    explicit = common.explicit_mesh_axes()
+    if explicit:
+        # Under Explicit mesh axes every reshape would need an out_sharding; the op is batch- and
+        # head-parallel, so it runs with the axes treated as Auto and returns q's sharding.
+        spec = tuple(jax.typeof(q).sharding.spec) + (None,) * 4
+        out_spec = jax.sharding.PartitionSpec(spec[0], spec[1], spec[2], None)
+        lse_spec = jax.sharding.PartitionSpec(spec[0], spec[2], spec[1])
+        run = jax.sharding.auto_axes(run, axes=explicit, out_sharding=(out_spec, lse_spec))
+    out, lse = run(q, k, v, segments)
     return (out, lse) if return_lse else out
 
 
@@ -267,10 +276,17 @@ def attention_decode(
     interpret = common.check_interpret(interpret, op)
     impl = common.resolve_impl(impl, op)
     sizes = _check_block_sizes(block_sizes, DecodeBlockSizes, op)
-    return _decode_jit(
-        q, k_cache, v_cache, lengths, impl=impl, window_left=window_left, scale=scale,
-        softcap=softcap, block_kv=sizes.block_kv, interpret=interpret,
+    run = functools.partial(
+        _decode_jit, impl=impl, window_left=window_left, scale=scale, softcap=softcap,
+        block_kv=sizes.block_kv, interpret=interpret,
     )
+    explicit = common.explicit_mesh_axes()
+    if explicit:
+        spec = tuple(jax.typeof(q).sharding.spec) + (None,) * 3
+        run = jax.sharding.auto_axes(
+            run, axes=explicit, out_sharding=jax.sharding.PartitionSpec(spec[0], spec[1], None)
+        )
+    return run(q, k_cache, v_cache, lengths)
 
 
 @functools.partial(
