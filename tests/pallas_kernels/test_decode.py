@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attnzoo import pallas_kernels as pk
 from attnzoo.pallas_kernels import testing
-from attnzoo.pallas_kernels.attention import decode
 
 DECODE_CASES = [
     # batch, cache len, q heads, kv heads, head dim, v dim, lengths, options

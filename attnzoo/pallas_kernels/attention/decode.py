@@ -15,12 +15,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-_NT = (((1,), (1,)), ((), ()))
+from attnzoo.pallas_kernels.attention.flash_common import MASK_VALUE, NT
+from attnzoo.pallas_kernels.common import fit_block, pad_axis
+
 
 
 def _first_visible(lengths, window_left):
@@ -90,7 +90,7 @@ def _decode_kernel(
     @pl.when((j * block_kv < length) & ((j + 1) * block_kv > first))
     def _visit():
         q = q_ref[...]
-        s = jax.lax.dot_general(q, k_ref[...], _NT, preferred_element_type=jnp.float32) * scale
+        s = jax.lax.dot_general(q, k_ref[...], NT, preferred_element_type=jnp.float32) * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         pos = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
@@ -116,8 +116,6 @@ def _decode_kernel(
 
 def decode_tpu(q, k_cache, v_cache, lengths, *, window_left, scale, softcap, block_kv, interpret):
     """TPU decode kernel; same contract as :func:`decode_xla`. ``block_kv`` rounded to 128."""
-    from attnzoo.pallas_kernels.common import fit_block, pad_axis
-
     batch, q_heads, head_dim = q.shape
     kv_len, kv_heads, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
     group = q_heads // kv_heads

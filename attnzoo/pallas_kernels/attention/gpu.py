@@ -38,11 +38,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attnzoo.pallas_kernels.attention.masks import EMPTY, FULL, block_metadata
-from attnzoo.pallas_kernels.attention.tpu import MASK_VALUE, KernelConfig, config_for, tile_scores
+from attnzoo.pallas_kernels.attention.flash_common import (
+    MASK_VALUE,
+    NT,
+    TN,
+    KernelConfig,
+    backward_rows,
+    config_for,
+    flash_vjp,
+    tile_scores,
+)
 from attnzoo.pallas_kernels.common import pad_axis
 
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
 MIN_BLOCK = 16  # Triton's tl.dot needs every matmul dimension >= 16
 
 
@@ -224,7 +231,7 @@ def _dq_kernel(
         kv_seg = kv_seg_ref[pl.ds(k_start, bk)][None, :] if cfg.use_segments else None
         sc, visible = tile_scores(q, k, i * bq, k_start, q_seg, kv_seg, cfg, masked)
         p = _probs(sc, lse, visible, masked)
-        dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+        dp = jax.lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
         ds = _dscores(p, dp, delta, sc, cfg)
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * cfg.scale
 
@@ -254,11 +261,11 @@ def _dkv_kernel(
             q_seg = q_seg_ref[pl.ds(q_start, bq)][:, None] if cfg.use_segments else None
             sc, visible = tile_scores(q, k, q_start, k_start, q_seg, kv_seg, cfg, masked)
             p = _probs(sc, lse, visible, masked)
-            dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32)
-            dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+            dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, TN, preferred_element_type=jnp.float32)
+            dp = jax.lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
             ds = _dscores(p, dp, delta, sc, cfg)
             dk = dk + jax.lax.dot_general(
-                ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32
+                ds.astype(q.dtype), q, TN, preferred_element_type=jnp.float32
             ) * cfg.scale
             return dk, dv
 
@@ -341,9 +348,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg: KernelConfig,
         cfg.mask, cfg.q_len, cfg.kv_len, bq, bk, cfg.use_segments
     )
 
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
-    delta = pad_axis(delta - d_lse, 2, bq)  # [B, Hq, T']
-    lse_rows = pad_axis(jnp.where(jnp.isfinite(lse), lse, 0.0), 2, bq)
+    delta, lse_rows = backward_rows(out, lse, d_out, d_lse, bq)  # [B, Hq, T']
     dop = _pad(d_out, bq, dvp)
 
     q_map = lambda i, b, h: (b, i, h, 0)
@@ -408,23 +413,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg: KernelConfig,
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(q, k, v, q_seg, kv_seg, cfg, interpret):
-    return _forward(q, k, v, q_seg, kv_seg, cfg, interpret)
-
-
-def _flash_fwd(q, k, v, q_seg, kv_seg, cfg, interpret):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, cfg, interpret)
-    return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
-
-
-def _flash_bwd(cfg, interpret, residuals, cotangents):
-    q, k, v, q_seg, kv_seg, out, lse = residuals
-    d_out, d_lse = cotangents
-    return (*_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg, interpret), None, None)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = flash_vjp(_forward, _backward)
 
 
 def flash_attention(q, k, v, q_seg, kv_seg, *, mask, use_segments, scale, softcap, block_sizes, interpret):
@@ -463,7 +452,7 @@ def _decode_kernel(
         else:  # the last block overlaps its predecessor instead of reading past the cache
             start = jnp.minimum(j * bk, cache_len - bk)
         k = k_ref[pl.ds(start, bk), :]
-        s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
+        s = jax.lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         pos = start + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)

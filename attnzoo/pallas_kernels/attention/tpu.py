@@ -14,55 +14,25 @@ The tile lists are int32 arrays prefetched into SMEM and read by the BlockSpec i
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attnzoo.pallas_kernels.attention.masks import FULL, PARTIAL, Mask, block_metadata
+from attnzoo.pallas_kernels.attention.flash_common import (
+    MASK_VALUE,
+    NT,
+    TN,
+    KernelConfig,
+    backward_rows,
+    config_for,
+    flash_vjp,
+    tile_scores,
+)
+from attnzoo.pallas_kernels.attention.masks import FULL, PARTIAL, block_metadata
 from attnzoo.pallas_kernels.common import fit_block, pad_axis
-
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """Static description of one attention call, shared by the TPU and GPU kernels."""
-
-    mask: Mask
-    q_len: int
-    kv_len: int
-    scale: float
-    softcap: float | None
-    block_q: int
-    block_kv: int
-    use_segments: bool
-
-
-def tile_scores(q, k, q_start, k_start, q_seg, kv_seg, cfg: KernelConfig, masked: bool):
-    """Float32 soft-capped scores ``[bq, bk]`` of one tile and its visibility (None if unmasked).
-
-    The scores are returned unmasked (finite), so derivative factors computed from them stay finite.
-    """
-    s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
-    if cfg.softcap is not None:
-        s = cfg.softcap * jnp.tanh(s / cfg.softcap)
-    if not masked:
-        return s, None
-    shape = s.shape
-    q_idx = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-    k_idx = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-    visible = jnp.broadcast_to(cfg.mask(q_idx, k_idx), shape) & (k_idx < cfg.kv_len)
-    if cfg.use_segments:
-        visible = visible & (q_seg == kv_seg)
-    return s, visible
-
 
 def _when_visible(kind, body):
     """Runs ``body(masked)`` for FULL and PARTIAL tiles; EMPTY (padding) steps do nothing."""
@@ -134,7 +104,7 @@ def _dq_kernel(
         if masked:
             p = jnp.where(visible, p, 0.0)
         do = do_ref[...]
-        dp = jax.lax.dot_general(do, v_ref[...], _NT, preferred_element_type=jnp.float32)
+        dp = jax.lax.dot_general(do, v_ref[...], NT, preferred_element_type=jnp.float32)
         ds = p * (dp - delta_ref[...])
         if cfg.softcap is not None:
             ds = ds * (1.0 - jnp.square(sc / cfg.softcap))
@@ -171,14 +141,14 @@ def _dkv_kernel(
             p = jnp.where(visible, p, 0.0)
         do = do_ref[...]
         dv_scr[...] += jax.lax.dot_general(
-            p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32
+            p.astype(do.dtype), do, TN, preferred_element_type=jnp.float32
         )
-        dp = jax.lax.dot_general(do, v_ref[...], _NT, preferred_element_type=jnp.float32)
+        dp = jax.lax.dot_general(do, v_ref[...], NT, preferred_element_type=jnp.float32)
         ds = p * (dp - delta_ref[...])
         if cfg.softcap is not None:
             ds = ds * (1.0 - jnp.square(sc / cfg.softcap))
         dk_scr[...] += jax.lax.dot_general(
-            ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32
+            ds.astype(q.dtype), q, TN, preferred_element_type=jnp.float32
         ) * cfg.scale
 
     _when_visible(q_kind_ref[j * steps + s], body)
@@ -262,9 +232,8 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg: KernelConfig,
     bq, bk = cfg.block_q, cfg.block_kv
     meta = block_metadata(cfg.mask, cfg.q_len, cfg.kv_len, bq, bk, cfg.use_segments)
 
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
-    delta = pad_axis(delta - d_lse, 2, bq)[..., None]  # [B, Hq, T', 1]
-    lse_rows = pad_axis(jnp.where(jnp.isfinite(lse), lse, 0.0), 2, bq)[..., None]
+    delta, lse_rows = backward_rows(out, lse, d_out, d_lse, bq)
+    delta, lse_rows = delta[..., None], lse_rows[..., None]  # [B, Hq, T', 1]
     doh = pad_axis(d_out, 1, bq).transpose(0, 2, 1, 3)
 
     # dq: the forward's tile order.
@@ -349,30 +318,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg: KernelConfig,
     return dq, dk, dv_
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(q, k, v, q_seg, kv_seg, cfg, interpret):
-    return _forward(q, k, v, q_seg, kv_seg, cfg, interpret)
-
-
-def _flash_fwd(q, k, v, q_seg, kv_seg, cfg, interpret):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, cfg, interpret)
-    return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
-
-
-def _flash_bwd(cfg, interpret, residuals, cotangents):
-    q, k, v, q_seg, kv_seg, out, lse = residuals
-    d_out, d_lse = cotangents
-    return (*_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg, interpret), None, None)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def config_for(q, k, *, mask, use_segments, scale, softcap, block_q, block_kv) -> KernelConfig:
-    return KernelConfig(
-        mask=mask, q_len=q.shape[1], kv_len=k.shape[1], scale=float(scale), softcap=softcap,
-        block_q=block_q, block_kv=block_kv, use_segments=use_segments,
-    )
+_flash = flash_vjp(_forward, _backward)
 
 
 def flash_attention(q, k, v, q_seg, kv_seg, *, mask, use_segments, scale, softcap, block_sizes, interpret):
