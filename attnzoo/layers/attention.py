@@ -32,15 +32,13 @@ from attnzoo.layers.common import (
     MeshAxes,
     RMSNorm,
     apply_rope,
-    check_float,
     check_input,
-    check_int,
-    check_window,
     head_shards,
     shard_map_batch_heads,
 )
 from attnzoo.layers.registry import register_mixer
 from attnzoo.pallas_kernels import common as pk_common
+from attnzoo.pallas_kernels.common import check_float, check_int, check_window
 
 __all__ = ["Attention", "KVCache"]
 
@@ -142,13 +140,13 @@ class Attention(nnx.Module):
         self.causal = causal
         self.window = check_window(owner, window)
         self.use_rope = bool(use_rope)
-        self.rope_theta = check_float(owner, "rope_theta", rope_theta)
+        self.rope_theta = check_float(owner, "rope_theta", rope_theta, positive=True, allow_none=False)
         rotary_dim = self.head_dim if rotary_dim is None else check_int(owner, "rotary_dim", rotary_dim)
         if use_rope and (rotary_dim % 2 or rotary_dim > self.head_dim):
             raise ValueError(f"{owner}: rotary_dim must be even and <= head_dim ({self.head_dim}), got {rotary_dim}")
         self.rotary_dim = rotary_dim
-        self.softcap = check_float(owner, "softcap", softcap, allow_none=True)
-        self.scale = check_float(owner, "scale", scale, allow_none=True)
+        self.softcap = check_float(owner, "softcap", softcap, positive=True)
+        self.scale = check_float(owner, "scale", scale, positive=True)
         if impl not in pk_common.IMPLS:
             raise ValueError(f"{owner}: impl must be one of {pk_common.IMPLS}, got {impl!r}")
         self.impl = impl

@@ -28,7 +28,6 @@ mesh it simply calls the function.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Sequence
 
 import flax.core.spmd as flax_spmd
@@ -37,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
+
+from attnzoo.pallas_kernels.common import check_float, check_int
 
 Initializer = Callable[..., jax.Array]
 DType = Any
@@ -63,34 +64,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # Argument checks (errors name the argument, what was seen and what was expected)
 # ----------------------------------------------------------------------------------------------
-
-
-def check_int(owner: str, name: str, value, *, minimum: int = 1) -> int:
-    """Returns ``value`` as an int or raises ``ValueError`` naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_float(owner: str, name: str, value, *, positive: bool = True, allow_none: bool = False):
-    """Returns ``value`` as a float (or None when allowed) or raises ``ValueError``/``TypeError``."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{owner}: {name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{owner}: {name} must be a finite {'positive ' if positive else ''}float, got {value!r}")
-    return value
-
-
-def check_window(owner: str, window) -> tuple[int | None, int | None] | None:
-    """``None`` or a ``(left, right)`` pair of non-negative ints (either may be None = unbounded)."""
-    if window is None:
-        return None
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise ValueError(f"{owner}: window must be a (left, right) pair or None, got {window!r}")
-    return tuple(None if w is None else check_int(owner, f"window[{i}]", w, minimum=0) for i, w in enumerate(window))
 
 
 def check_input(owner: str, x, *, ndim: int, last: int | None, layout: str):
@@ -292,7 +265,7 @@ class RMSNorm(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ):
         self.num_features = check_int("RMSNorm", "num_features", num_features)
-        self.epsilon = check_float("RMSNorm", "epsilon", epsilon)
+        self.epsilon = check_float("RMSNorm", "epsilon", epsilon, positive=True, allow_none=False)
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.scale = (
@@ -339,7 +312,7 @@ class LayerNorm(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ):
         self.num_features = check_int("LayerNorm", "num_features", num_features)
-        self.epsilon = check_float("LayerNorm", "epsilon", epsilon)
+        self.epsilon = check_float("LayerNorm", "epsilon", epsilon, positive=True, allow_none=False)
         self.dtype = dtype
         self.param_dtype = param_dtype
         shape = (num_features,)
@@ -568,7 +541,7 @@ class RotaryEmbedding(nnx.Module):
 
     def __init__(self, head_dim: int, *, theta: float = 10000.0, rotary_dim: int | None = None):
         self.head_dim = check_int("RotaryEmbedding", "head_dim", head_dim)
-        self.theta = check_float("RotaryEmbedding", "theta", theta)
+        self.theta = check_float("RotaryEmbedding", "theta", theta, positive=True, allow_none=False)
         rotary_dim = head_dim if rotary_dim is None else check_int("RotaryEmbedding", "rotary_dim", rotary_dim)
         if rotary_dim % 2 or rotary_dim > head_dim:
             raise ValueError(f"RotaryEmbedding: rotary_dim must be even and <= head_dim={head_dim}, got {rotary_dim}")

@@ -113,25 +113,39 @@ def check_array(
     return x
 
 
-def check_positive_int(op: str, name: str, value, *, allow_none: bool = False, minimum: int = 1):
+def check_int(op: str, name: str, value, *, minimum: int = 1, allow_none: bool = False):
+    """Returns ``value`` as an int ``>= minimum`` (or None when allowed), else ``ValueError``."""
     if value is None and allow_none:
-        return value
+        return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
-def check_optional_float(op: str, name: str, value, *, positive: bool = False):
-    if value is None:
+def check_float(op: str, name: str, value, *, positive: bool = False, allow_none: bool = True):
+    """Returns ``value`` as a finite float (or None when allowed), else ``TypeError``/``ValueError``."""
+    if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{op}: {name} must be a Python float or None, got {type(value).__name__}")
+        kind = "a float or None" if allow_none else "a float"
+        raise TypeError(f"{op}: {name} must be {kind}, got {type(value).__name__}")
     value = float(value)
     if not np.isfinite(value) or (positive and value <= 0):
         raise ValueError(
             f"{op}: {name} must be a finite {'positive ' if positive else ''}float, got {value!r}"
         )
     return value
+
+
+def check_window(op: str, window) -> tuple[int | None, int | None] | None:
+    """None or a ``(left, right)`` pair of ints >= 0, either of which may be None (unbounded)."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"{op}: window must be a (left, right) pair of ints or None, got {window!r}")
+    left = check_int(op, "window[0] (left)", window[0], allow_none=True, minimum=0)
+    right = check_int(op, "window[1] (right)", window[1], allow_none=True, minimum=0)
+    return (left, right)
 
 
 def round_up(n: int, multiple: int) -> int:

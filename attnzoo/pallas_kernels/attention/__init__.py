@@ -95,17 +95,6 @@ def _check_qkv(q, k, v, op):
         raise ValueError(f"{op}: empty sequence or head dimension: q {q.shape}, k {k.shape}, v {v.shape}")
 
 
-def _check_window(window, op):
-    if window is None:
-        return None
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise ValueError(f"{op}: window must be a (left, right) pair of ints or None, got {window!r}")
-    left, right = window
-    left = common.check_positive_int(op, "window[0] (left)", left, allow_none=True, minimum=0)
-    right = common.check_positive_int(op, "window[1] (right)", right, allow_none=True, minimum=0)
-    return (left, right)
-
-
 def _check_segments(segment_ids, batch, q_len, kv_len, op):
     if segment_ids is None:
         return None
@@ -131,7 +120,7 @@ def _check_block_sizes(block_sizes, cls, op):
     if not isinstance(block_sizes, cls):
         raise TypeError(f"{op}: block_sizes must be a {cls.__name__} for this impl, got {type(block_sizes).__name__}")
     for field in dataclasses.fields(block_sizes):
-        common.check_positive_int(op, f"block_sizes.{field.name}", getattr(block_sizes, field.name))
+        common.check_int(op, f"block_sizes.{field.name}", getattr(block_sizes, field.name))
     return block_sizes
 
 
@@ -178,13 +167,13 @@ def attention(
     kv_len = k.shape[1]
     if not isinstance(causal, bool):
         raise TypeError(f"{_OP}: causal must be a bool, got {type(causal).__name__}")
-    window = _check_window(window, _OP)
+    window = common.check_window(_OP, window)
     segments = _check_segments(segment_ids, batch, q_len, kv_len, _OP)
     if mask is not None:
         mask = as_mask(mask, f"{_OP}: mask")
-    scale = common.check_optional_float(_OP, "scale", scale)
+    scale = common.check_float(_OP, "scale", scale)
     scale = head_dim**-0.5 if scale is None else scale
-    softcap = common.check_optional_float(_OP, "softcap", softcap, positive=True)
+    softcap = common.check_float(_OP, "softcap", softcap, positive=True)
     if not isinstance(return_lse, bool):
         raise TypeError(f"{_OP}: return_lse must be a bool, got {type(return_lse).__name__}")
     interpret = common.check_interpret(interpret, _OP)
@@ -268,11 +257,11 @@ def attention_decode(
         raise TypeError(f"{op}: q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if kv_heads == 0 or q_heads % kv_heads:
         raise ValueError(f"{op}: the number of query heads ({q_heads}) must be a multiple of the number of key/value heads ({kv_heads})")
-    window = _check_window(window, op)
+    window = common.check_window(op, window)
     window_left = None if window is None else window[0]
-    scale = common.check_optional_float(op, "scale", scale)
+    scale = common.check_float(op, "scale", scale)
     scale = head_dim**-0.5 if scale is None else scale
-    softcap = common.check_optional_float(op, "softcap", softcap, positive=True)
+    softcap = common.check_float(op, "softcap", softcap, positive=True)
     interpret = common.check_interpret(interpret, op)
     impl = common.resolve_impl(impl, op)
     sizes = _check_block_sizes(block_sizes, DecodeBlockSizes, op)
