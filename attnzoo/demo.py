@@ -138,9 +138,9 @@ def main(argv=None) -> int:
         f"D={args.head_dim} float32 on {jax.devices()[0].platform}; errors are relative RMS vs "
         f"impl='reference' in float64 (tolerance {tol:g}); time = jitted forward + backward.\n"
     )
-    header = f"| {'mask':28s} | {'impl':9s} | {'out err':>8s} | {'grad err':>8s} | {'time ms':>8s} | status"
+    header = f"| {'mask':28s} | {'impl':9s} | {'out err':>8s} | {'grad err':>8s} | {'time ms':>8s} | status |"
     print(header)
-    print("|" + "|".join("-" * (len(c) + 0) for c in header.split("|")[1:]))
+    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     failures, unavailable = [], {}
     for name, options in mask_cases(args.seq_len, args.batch):
         expected = float64_oracle(inputs, options)
@@ -163,11 +163,11 @@ def main(argv=None) -> int:
                     failures.append((name, impl, f"errors {row['out_err']:.1e} / {row['grad_err']:.1e}"))
                 print(
                     f"| {name:28s} | {impl:9s} | {row['out_err']:8.1e} | {row['grad_err']:8.1e} | "
-                    f"{row['ms']:8.1f} | {status}",
+                    f"{row['ms']:8.1f} | {status} |",
                     flush=True,
                 )
             else:
-                print(f"| {name:28s} | {impl:9s} | {'-':>8s} | {'-':>8s} | {'-':>8s} | {status}", flush=True)
+                print(f"| {name:28s} | {impl:9s} | {'-':>8s} | {'-':>8s} | {'-':>8s} | {status} |", flush=True)
     print()
     for impl, why in unavailable.items():
         print(f"{impl} could not be imported, not run: {why}")
