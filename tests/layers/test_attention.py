@@ -320,15 +320,6 @@ def test_usable_from_linen_through_to_linen():
 # ---------------------------------------------------------------------------------------------
 
 
-def _pallas_available() -> bool:
-    try:
-        from attnzoo.pallas_kernels.attention import pallas  # noqa: F401  (imports the GPU kernels)
-    except ModuleNotFoundError as error:  # the GPU kernel module has not landed
-        return error.name is None or not error.name.startswith("attnzoo")
-    return True
-
-
-@pytest.mark.skipif(not _pallas_available(), reason="attnzoo.pallas_kernels.attention.gpu is not there yet")
 def test_attention_pallas_matches_numpy_gradients_and_decoding():
     options = dict(num_kv_heads=2, qk_norm=True, window=(4, 0), softcap=4.0)
     module = _randomize(Attention(16, 4, impl="pallas", rngs=nnx.Rngs(0), **options))
