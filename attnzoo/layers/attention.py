@@ -189,6 +189,58 @@ class Attention(nnx.Module):
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
     # ------------------------------------------------------------------------------------------
+    # Cost model
+    # ------------------------------------------------------------------------------------------
+
+    def visible_pairs(self, seq_len: int, kv_len: int | None = None) -> int:
+        """Number of (query, key) pairs the mask lets through for one sequence and one head.
+
+        Queries ``i < seq_len`` sit at position ``c = i + kv_len - seq_len`` among ``kv_len`` keys
+        (bottom-right alignment, as ``pk.attention`` aligns them). Query ``i`` sees keys ``j`` with
+        ``0 <= j < kv_len``, ``j <= c`` if causal, and ``c - left <= j <= c + right`` for a window
+        side that is not None. E.g. causal self-attention: ``T (T + 1) / 2``. Segment ids are not
+        modelled (they only remove pairs).
+        """
+        owner = "Attention.visible_pairs"
+        seq_len = check_int(owner, "seq_len", seq_len)
+        kv_len = seq_len if kv_len is None else check_int(owner, "kv_len", kv_len)
+        centre = np.arange(seq_len, dtype=np.int64) + (kv_len - seq_len)
+        lo = np.zeros(seq_len, np.int64)
+        hi = np.full(seq_len, kv_len - 1, np.int64)
+        if self.causal:
+            hi = np.minimum(hi, centre)
+        if self.window is not None:
+            left, right = self.window
+            if left is not None:
+                lo = np.maximum(lo, centre - left)
+            if right is not None:
+                hi = np.minimum(hi, centre + right)
+        return int(np.maximum(hi - lo + 1, 0).sum())
+
+    def flops(self, seq_len: int, kv_len: int | None = None) -> int:
+        """Forward FLOPs of this layer for one sequence, counting matmuls only (2 per multiply-add).
+
+        With ``T = seq_len`` input tokens, ``S = kv_len`` keys (default ``T``; ``S > T`` models a
+        chunk attending to a cache of ``S`` tokens, bottom-right aligned), ``D = dim``,
+        ``Hq``/``Hkv`` heads of ``Dh`` features and ``P`` = :meth:`visible_pairs` ``(T, S)``::
+
+            q, o projections:  2 * T * D * Hq * Dh  each
+            k, v projections:  2 * T * D * Hkv * Dh each   (keys of the T new tokens)
+            scores q k^T:      2 * P * Hq * Dh
+            weights @ v:       2 * P * Hq * Dh
+
+        Masked pairs are not counted (a causal layer costs about half a bidirectional one). Norms,
+        RoPE, softmax and biases are not counted.
+
+        Returns an int. Raises ``ValueError`` for a non-positive ``seq_len`` / ``kv_len``.
+        """
+        seq_len = check_int("Attention.flops", "seq_len", seq_len)
+        pairs = self.visible_pairs(seq_len, kv_len)
+        d, dh, hq, hkv = self.dim, self.head_dim, self.num_heads, self.num_kv_heads
+        projections = 2 * seq_len * d * dh * (2 * hq + 2 * hkv)
+        return int(projections + 4 * pairs * hq * dh)
+
+    # ------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ mesh it simply calls the function.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import flax.core.spmd as flax_spmd
@@ -91,18 +92,27 @@ def compute_dtype(dtype: DType | None, *arrays_or_dtypes) -> DType:
     return jnp.result_type(*[getattr(a, "dtype", a) for a in arrays_or_dtypes])
 
 
-def project(x: jax.Array, kernel: jax.Array, equation: str, dtype: DType, bias: jax.Array | None = None):
-    """``einsum(equation, x, kernel) (+ bias)`` with operands in ``dtype``, accumulated in at least
-    float32, result in ``dtype``.
+def project(x: jax.Array, kernel: jax.Array, num_in: int, dtype: DType, bias: jax.Array | None = None):
+    """Contracts the last ``num_in`` axes of ``x`` with the first ``num_in`` axes of ``kernel``
+    (+ ``bias``), operands in ``dtype``, accumulated in at least float32, result in ``dtype``.
 
+    The contraction runs as one 2-D matmul ``[N, prod(in)] @ [prod(in), prod(out)]``: XLA:CPU runs
+    the weight gradient of a matmul with several batch-like axes ~3x slower than the flattened one.
     Accumulating bfloat16 operands into float32 (``preferred_element_type``) is both more accurate
     and, on CPU, ~3x faster than a bfloat16 result.
     """
+    lead, in_shape = x.shape[: x.ndim - num_in], kernel.shape[:num_in]
+    out_shape = kernel.shape[num_in:]
+    fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
     accumulate = jnp.promote_types(dtype, jnp.float32)
-    y = jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype), preferred_element_type=accumulate)
+    y = jnp.dot(
+        x.reshape(-1, fan_in).astype(dtype),
+        kernel.reshape(fan_in, fan_out).astype(dtype),
+        preferred_element_type=accumulate,
+    )
     if bias is not None:
-        y = y + bias.astype(accumulate)
-    return y.astype(dtype)
+        y = y + bias.reshape(fan_out).astype(accumulate)
+    return y.reshape(*lead, *out_shape).astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,9 +414,6 @@ class Dense(nnx.Module):
             if use_bias
             else None
         )
-        letters = "abcdefghijklmnopqrstuvwxyz"
-        in_letters, out_letters = letters[:num_in], letters[num_in : num_in + num_out]
-        self._equation = f"...{in_letters},{in_letters}{out_letters}->...{out_letters}"
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x ``[..., *in_features]`` -> ``[..., *out_features]`` in the compute dtype."""
@@ -415,7 +422,7 @@ class Dense(nnx.Module):
             raise ValueError(f"Dense: x must end in axes {self.in_features}, got shape {getattr(x, 'shape', None)}")
         dtype = compute_dtype(self.dtype, x, self.param_dtype)
         bias = None if self.bias is None else self.bias[...]
-        return project(x, self.kernel[...], self._equation, dtype, bias)
+        return project(x, self.kernel[...], num_in, dtype, bias)
 
 
 class MLP(nnx.Module):
@@ -482,10 +489,11 @@ class MLP(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def rope_inv_frequencies(rotary_dim: int, theta: float) -> jax.Array:
-    """``theta ** (-2i / rotary_dim)`` for ``i < rotary_dim / 2``, float32 ``[rotary_dim // 2]``."""
+def rope_inv_frequencies(rotary_dim: int, theta: float, dtype: DType = jnp.float32) -> jax.Array:
+    """``theta ** (-2i / rotary_dim)`` for ``i < rotary_dim / 2``, ``[rotary_dim // 2]`` in ``dtype``
+    (computed in float64 and rounded once)."""
     exponents = np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim
-    return jnp.asarray(1.0 / (theta**exponents), jnp.float32)
+    return jnp.asarray(1.0 / (theta**exponents), dtype)
 
 
 def apply_rope(
@@ -506,7 +514,8 @@ def apply_rope(
       positions: ``[B, T]`` or ``[T]`` int positions; packed sequences restart them per document.
       theta: the RoPE base. rotary_dim: even number of rotated features, ``<= D``.
 
-    Returns ``[B, T, H, D]`` in x's dtype; angles and the rotation are computed in float32.
+    Returns ``[B, T, H, D]`` in x's dtype; angles and the rotation are computed in float32 (float64
+    for float64 inputs).
     """
     if x.ndim != 4:
         raise ValueError(f"apply_rope: x must have shape [B,T,H,D], got {tuple(x.shape)}")
@@ -522,7 +531,7 @@ def apply_rope(
             f"apply_rope: positions must have shape [B,T] or [T] = {tuple(x.shape[:2])}, got {tuple(positions.shape)}"
         )
     compute = jnp.promote_types(x.dtype, jnp.float32)
-    angles = positions.astype(compute)[:, :, None] * rope_inv_frequencies(rotary_dim, theta).astype(compute)
+    angles = positions.astype(compute)[:, :, None] * rope_inv_frequencies(rotary_dim, theta, compute)
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     rotated, passthrough = x[..., :rotary_dim].astype(compute), x[..., rotary_dim:]

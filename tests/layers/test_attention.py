@@ -169,6 +169,82 @@ def test_attention_parameter_logical_axes():
 
 
 # ---------------------------------------------------------------------------------------------
+# FLOP count
+# ---------------------------------------------------------------------------------------------
+
+
+def _dense_visible(causal, window, q_len, kv_len):
+    """Brute-force ``[T, S]`` mask: query i sits at kv position i + S - T (bottom-right aligned)."""
+    visible = np.zeros((q_len, kv_len), bool)
+    for i in range(q_len):
+        centre = i + kv_len - q_len
+        for j in range(kv_len):
+            ok = not (causal and j > centre)
+            if window is not None:
+                left, right = window
+                ok &= left is None or j >= centre - left
+                ok &= right is None or j <= centre + right
+            visible[i, j] = ok
+    return visible
+
+
+def _dot_flops(jaxpr):
+    """2 x multiply-adds of every dot_general in ``jaxpr`` and its sub-jaxprs (no loops here)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in contract]))
+        assert eqn.primitive.name not in ("scan", "while"), "loops: extend the counter"
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    total += _dot_flops(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    total += _dot_flops(sub)
+    return total
+
+
+def _traced_dot_flops(module, x):
+    graphdef, state = nnx.split(module)
+    return _dot_flops(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x).jaxpr)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, (3, 0), (2, 1), (None, 2), (0, 0), (20, 20)])
+def test_attention_flops_counts_visible_pairs(causal, window):
+    from attnzoo.pallas_kernels.attention.masks import build_mask
+
+    module = Attention(24, 4, num_kv_heads=2, head_dim=5, causal=causal, window=window, use_rope=False, rngs=nnx.Rngs(0))
+    for q_len, kv_len in [(1, 1), (7, 7), (4, 11), (9, 9), (5, 3), (1, 6)]:
+        visible = _dense_visible(causal, window, q_len, kv_len)
+        # The op aligns queries the same way.
+        op_mask = build_mask(causal=causal, window=window, mask=None, q_len=q_len, kv_len=kv_len)
+        q_idx, kv_idx = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+        np.testing.assert_array_equal(np.broadcast_to(np.asarray(op_mask(q_idx, kv_idx)), visible.shape), visible)
+        assert module.visible_pairs(q_len, kv_len) == int(visible.sum())
+        projections = 2 * q_len * 24 * 5 * (2 * 4 + 2 * 2)
+        assert module.flops(q_len, kv_len) == projections + 4 * int(visible.sum()) * 4 * 5
+        if kv_len == q_len:
+            assert module.flops(q_len) == module.flops(q_len, q_len)
+
+
+def test_attention_flops_equal_traced_matmuls():
+    # Bidirectional reference attention materialises every score: the traced matmul count is
+    # exactly the analytic one. A causal layer counts T (T + 1) / 2 of the T^2 pairs.
+    x = jnp.ones((3, 10, 24), jnp.float32)
+    full = Attention(24, 4, num_kv_heads=2, causal=False, impl="reference", rngs=nnx.Rngs(0))
+    assert _traced_dot_flops(full, x) == 3 * full.flops(10)
+    causal = Attention(24, 4, num_kv_heads=2, rngs=nnx.Rngs(0))
+    assert full.flops(10) - causal.flops(10) == 4 * (100 - 55) * 4 * 6
+    with pytest.raises(ValueError, match="seq_len must be an int >= 1, got 0"):
+        causal.flops(0)
+    with pytest.raises(ValueError, match="kv_len must be an int >= 1"):
+        causal.flops(3, kv_len=-1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------------
 
