@@ -1,0 +1,26 @@
+"""Backbones built from attnzoo layers, created by name.
+
+>>> from attnzoo import zoo
+>>> zoo.list_models("vit_*")
+['vit_base_patch16_224', 'vit_small_patch16_224', 'vit_tiny_patch16_224']
+>>> m = zoo.create_model("vit_tiny_patch16_224", num_classes=10, rngs=nnx.Rngs(0))
+>>> lm = zoo.create_model("lm_tiny", pattern="swa,swa,swa,attn", depth=8, rngs=nnx.Rngs(0))
+"""
+
+from attnzoo.zoo.common import LayerStack, remat_policy
+from attnzoo.zoo.registry import create_model, get_model_factory, list_models, register_model
+
+# Importing the model modules registers their presets.
+from attnzoo.zoo.lm import DecoderLM  # noqa: E402
+from attnzoo.zoo.vit import VisionTransformer  # noqa: E402
+
+__all__ = [
+    "list_models",
+    "create_model",
+    "register_model",
+    "get_model_factory",
+    "VisionTransformer",
+    "DecoderLM",
+    "LayerStack",
+    "remat_policy",
+]

@@ -1,0 +1,331 @@
+"""Decoder-only language model whose layers follow a pattern of token mixers.
+
+>>> from attnzoo import zoo
+>>> lm = zoo.create_model("lm_tiny", rngs=nnx.Rngs(0))                      # 4 causal attention layers
+>>> lm = zoo.create_model("lm_tiny", pattern="swa,swa,swa,attn", depth=8, vocab_size=512, rngs=nnx.Rngs(0))
+>>> logits = lm(tokens)                                                      # [B,T] int -> [B,T,V] float32
+>>> logits = lm(tokens, segment_ids=ids, positions=pos)                      # packed documents
+
+The pattern is a comma-separated list of tokens, one per layer of a *super-block*; the model is
+``depth / len(pattern)`` repetitions of the super-block, stacked and applied with ``nnx.scan``
+(:class:`attnzoo.zoo.common.LayerStack`). Tokens:
+
+* ``attn``: the ``"attention"`` mixer, causal, RoPE (``rope_theta``), ``num_kv_heads``, ``head_dim``;
+* ``swa``: the same with a sliding window ``(sliding_window, 0)`` (token ``i`` sees ``i-w .. i``);
+* any registered mixer name (``attnzoo.layers.list_mixers()``), built with ``dim``, ``num_heads``,
+  ``dtype``, ``param_dtype`` and its ``mixer_options`` (``"attention"`` also gets the attn defaults).
+
+Each layer is pre-norm: ``x + mixer(RMSNorm(x))`` then ``x + MLP(RMSNorm(x))``; a final RMSNorm and
+the output head follow.
+
+Parameters (logical axes): ``embedding [V, D]`` (vocab, embed); ``blocks.layers.blocks[j].*`` for
+pattern position ``j``, stacked ``[depth / len(pattern), ...]`` (layers, ...); ``norm.scale [D]``
+(norm); ``head.kernel [D, V]`` (embed, vocab) unless embeddings are tied (then the logits use
+``embedding`` transposed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnzoo.layers import MLP, Dense, RMSNorm, create_mixer, list_mixers
+from attnzoo.layers.common import DType, compute_dtype, partitioned
+from attnzoo.pallas_kernels.common import check_float, check_int
+from attnzoo.zoo.common import LayerStack, build_from_preset, mixer_flops, mlp_flops
+from attnzoo.zoo.registry import register_model
+
+__all__ = ["DecoderLM", "DecoderBlock", "SuperBlock", "PATTERN_ALIASES", "parse_pattern"]
+
+# pattern token -> registered mixer name
+PATTERN_ALIASES = {"attn": "attention", "swa": "attention"}
+
+
+def parse_pattern(pattern: str) -> tuple[tuple[str, str], ...]:
+    """``"swa, swa, attn"`` -> ``(("swa", "attention"), ("swa", "attention"), ("attn", "attention"))``.
+
+    Each token is an alias (``attn``, ``swa``) or a registered mixer name; anything else raises
+    ``ValueError`` naming the token, the pattern and the available names.
+    """
+    if not isinstance(pattern, str):
+        raise TypeError(f"DecoderLM: pattern must be a comma-separated string, got {type(pattern).__name__}")
+    tokens = [token.strip() for token in pattern.split(",")]
+    available = sorted(set(PATTERN_ALIASES) | set(list_mixers()))
+    parsed = []
+    for token in tokens:
+        if not token:
+            raise ValueError(f"DecoderLM: pattern {pattern!r} has an empty token; expected e.g. 'swa,swa,attn'")
+        mixer = PATTERN_ALIASES.get(token, token)
+        if mixer not in list_mixers():
+            raise ValueError(
+                f"DecoderLM: unknown token {token!r} in pattern {pattern!r}; available: {', '.join(available)}"
+            )
+        parsed.append((token, mixer))
+    return tuple(parsed)
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm decoder layer: ``x + mixer(RMSNorm(x))`` then ``x + MLP(RMSNorm(x))``.
+
+    ``x [B, T, D] -> [B, T, D]``; ``segment_ids`` / ``positions`` ``[B, T]`` go to the mixer.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mixer: str,
+        mixer_options: dict[str, Any],
+        mlp_dim: int,
+        mlp: str,
+        norm_eps: float,
+        dtype: DType | None,
+        param_dtype: DType,
+        rngs: nnx.Rngs,
+    ):
+        norm = dict(epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.mixer_norm = RMSNorm(dim, **norm)
+        self.mixer = create_mixer(
+            mixer, dim=dim, num_heads=num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype, **mixer_options
+        )
+        self.mlp_norm = RMSNorm(dim, **norm)
+        self.mlp = MLP(dim, mlp_dim, kind=mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, segment_ids=None, positions=None) -> jax.Array:
+        """x ``[B, T, D]`` -> ``[B, T, D]``."""
+        x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions).astype(x.dtype)
+        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+
+
+class SuperBlock(nnx.Module):
+    """One :class:`DecoderBlock` per pattern token, applied in order (``blocks``, an ``nnx.List``)."""
+
+    def __init__(self, specs: list[tuple[str, dict[str, Any]]], *, rngs: nnx.Rngs, **block_args: Any):
+        self.blocks = nnx.List(
+            [DecoderBlock(mixer=mixer, mixer_options=options, rngs=rngs, **block_args) for mixer, options in specs]
+        )
+
+    def __call__(self, x: jax.Array, *, segment_ids=None, positions=None) -> jax.Array:
+        """x ``[B, T, D]`` -> ``[B, T, D]``."""
+        for block in self.blocks:
+            x = block(x, segment_ids=segment_ids, positions=positions)
+        return x
+
+
+def default_mlp_dim(dim: int, mlp: str) -> int:
+    """``4 * dim`` for gelu; for swiglu ``8 * dim / 3`` (truncated) rounded up to a multiple of 64,
+    which keeps the parameter count of a ``4 * dim`` GELU MLP (three matrices instead of two)."""
+    if mlp == "gelu":
+        return 4 * dim
+    return -(-int(8 * dim / 3) // 64) * 64
+
+
+class DecoderLM(nnx.Module):
+    """Decoder-only LM over a pattern of token mixers, scanned over repeated super-blocks.
+
+    Args:
+      vocab_size: ``V``. dim: width ``D``. depth: number of layers (a multiple of the pattern length).
+      num_heads: mixer heads. num_kv_heads / head_dim: for attention layers (GQA; default
+        ``num_heads`` and ``D / num_heads``).
+      pattern: comma-separated mixer tokens of one super-block (see the module docstring).
+      mlp_dim: MLP hidden width; default :func:`default_mlp_dim` (swiglu: ``8D/3`` rounded up to a
+        multiple of 64; gelu: ``4D``). mlp: "swiglu" or "gelu".
+      sliding_window: window of ``swa`` layers (keys ``i - w .. i``).
+      mixer_options: ``{mixer name or pattern token: {option: value}}``; a mixer name applies to
+        every token resolving to it, a token's options are applied after (e.g.
+        ``{"attention": {"qk_norm": True}, "swa": {"rope_theta": 1e4}}``).
+      tie_embeddings: use ``embedding.T`` as the output head (no ``head`` parameter).
+      rope_theta: RoPE base of attention layers. norm_eps: RMSNorm epsilon.
+      remat: per-super-block remat policy name. scan_layers: ``nnx.scan`` (True) or a loop (False)
+        over the same stacked parameters.
+      dtype: compute dtype (default: promotion). param_dtype: parameter dtype.
+      logits_dtype: dtype of the logits (default float32; the head accumulates in at least float32).
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+
+    Initialisation: the embedding is normal with stddev 1 (untied) or ``D**-0.5`` (tied, so that
+    the initial logits have unit scale); projections are Lecun normal.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        pattern: str = "attn",
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        mlp_dim: int | None = None,
+        mlp: str = "swiglu",
+        sliding_window: int = 128,
+        mixer_options: dict[str, dict[str, Any]] | None = None,
+        tie_embeddings: bool = False,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-6,
+        remat: str = "none",
+        scan_layers: bool = True,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        logits_dtype: DType = jnp.float32,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        owner = "DecoderLM"
+        self.vocab_size = check_int(owner, "vocab_size", vocab_size)
+        self.dim = check_int(owner, "dim", dim)
+        self.depth = check_int(owner, "depth", depth)
+        self.num_heads = check_int(owner, "num_heads", num_heads)
+        self.pattern = tuple(parse_pattern(pattern))
+        if self.depth % len(self.pattern):
+            raise ValueError(
+                f"{owner}: depth ({self.depth}) must be a multiple of the pattern length "
+                f"({len(self.pattern)} for pattern {pattern!r})"
+            )
+        self.num_repeats = self.depth // len(self.pattern)
+        if mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"{owner}: mlp must be 'swiglu' or 'gelu', got {mlp!r}")
+        self.mlp_dim = default_mlp_dim(self.dim, mlp) if mlp_dim is None else check_int(owner, "mlp_dim", mlp_dim)
+        self.sliding_window = check_int(owner, "sliding_window", sliding_window)
+        if not isinstance(tie_embeddings, bool):
+            raise TypeError(f"{owner}: tie_embeddings must be a bool, got {type(tie_embeddings).__name__}")
+        self.tie_embeddings = tie_embeddings
+        rope_theta = check_float(owner, "rope_theta", rope_theta, positive=True, allow_none=False)
+        norm_eps = check_float(owner, "norm_eps", norm_eps, positive=True, allow_none=False)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.logits_dtype = jnp.dtype(logits_dtype)
+        if not jnp.issubdtype(self.logits_dtype, jnp.floating):
+            raise TypeError(f"{owner}: logits_dtype must be a floating dtype, got {self.logits_dtype}")
+
+        attention_defaults = dict(
+            causal=True, use_rope=True, rope_theta=rope_theta, num_kv_heads=num_kv_heads, head_dim=head_dim
+        )
+        specs = self._mixer_specs(pattern, mixer_options, attention_defaults)
+
+        embed_std = self.dim**-0.5 if tie_embeddings else 1.0
+        self.embedding = nnx.Param(
+            partitioned(nnx.initializers.normal(embed_std), ("vocab", "embed"))(
+                rngs.params(), (self.vocab_size, self.dim), param_dtype
+            )
+        )
+        block_args = dict(
+            dim=self.dim, num_heads=self.num_heads, mlp_dim=self.mlp_dim, mlp=mlp, norm_eps=norm_eps,
+            dtype=dtype, param_dtype=param_dtype,
+        )
+
+        def make_super_block(block_rngs: nnx.Rngs) -> SuperBlock:
+            return SuperBlock(specs, rngs=block_rngs, **block_args)
+
+        self.blocks = LayerStack(make_super_block, self.num_repeats, remat=remat, scan_layers=scan_layers, rngs=rngs)
+        self.norm = RMSNorm(self.dim, epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.head = (
+            None
+            if tie_embeddings
+            else Dense(self.dim, self.vocab_size, logical_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        )
+
+    def _mixer_specs(self, pattern: str, mixer_options, attention_defaults) -> list[tuple[str, dict[str, Any]]]:
+        """``(mixer name, options)`` per pattern token: defaults, then mixer-name, then token options."""
+        owner = "DecoderLM"
+        mixer_options = {} if mixer_options is None else mixer_options
+        if not isinstance(mixer_options, dict):
+            raise TypeError(f"{owner}: mixer_options must be a dict {{mixer or token: options}}, got {type(mixer_options).__name__}")
+        known = {token for token, _ in self.pattern} | {mixer for _, mixer in self.pattern}
+        for key, options in mixer_options.items():
+            if key not in known:
+                raise ValueError(
+                    f"{owner}: mixer_options key {key!r} matches no token or mixer of pattern {pattern!r}; "
+                    f"expected one of {sorted(known)}"
+                )
+            if not isinstance(options, dict):
+                raise TypeError(f"{owner}: mixer_options[{key!r}] must be a dict of options, got {type(options).__name__}")
+        specs = []
+        for token, mixer in self.pattern:
+            options: dict[str, Any] = dict(attention_defaults) if mixer == "attention" else {}
+            if token == "swa":
+                options["window"] = (self.sliding_window, 0)
+            options.update(mixer_options.get(mixer, {}))
+            if token != mixer:
+                options.update(mixer_options.get(token, {}))
+            specs.append((mixer, options))
+        return specs
+
+    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
+        """Next-token logits.
+
+        Args:
+          tokens: ``[B, T]`` ints in ``[0, vocab_size)`` (out of range raises when concrete, gives
+            NaN logits under ``jit``).
+          segment_ids: ``[B, T]`` ints: packed documents; tokens attend only within their segment.
+          positions: ``[B, T]`` ints, RoPE positions (packed documents restart them at 0);
+            default ``arange(T)``.
+
+        Returns logits ``[B, T, vocab_size]`` in ``logits_dtype``.
+        """
+        owner = "DecoderLM"
+        if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
+            raise TypeError(f"{owner}: tokens must be an int array [B,T], got {type(tokens).__name__}")
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"{owner}: tokens must be an int array of shape [B,T], got {tokens.dtype}{tuple(tokens.shape)}")
+        if not isinstance(tokens, jax.core.Tracer):
+            low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"{owner}: tokens must lie in [0, {self.vocab_size}), got values in [{low}, {high}]")
+        dtype = compute_dtype(self.dtype, self.param_dtype)
+        x = jnp.take(self.embedding[...], tokens, axis=0, mode="fill", fill_value=jnp.nan).astype(dtype)
+        x = self.blocks(x, segment_ids=segment_ids, positions=positions)
+        x = self.norm(x)
+        dtype = compute_dtype(self.dtype, x, self.param_dtype)
+        accumulate = jnp.promote_types(dtype, jnp.float32)
+        if self.head is None:
+            kernel, equation = self.embedding[...], "btd,vd->btv"
+        else:
+            kernel, equation = self.head.kernel[...], "btd,dv->btv"
+        logits = jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype), preferred_element_type=accumulate)
+        return logits.astype(self.logits_dtype)
+
+    def forward_flops(self, seq_len: int) -> int:
+        """Analytic forward FLOPs for one sequence of ``seq_len`` tokens (matmuls only, 2 per
+        multiply-add)::
+
+            per layer:  mixer.flops(T)            (attention: q/k/v/o projections plus
+                                                   4 * P * Hq * Dh for scores and values, with
+                                                   P the visible (query, key) pairs: T(T+1)/2
+                                                   causal, about T * (w + 1) for a window w)
+                        + 2 * T * D * F * 3       (swiglu gate, up, down; 2 matrices for gelu)
+            head:       2 * T * D * V             (tied or not)
+
+        The embedding lookup, norms, RoPE, softmax and activations are not counted. Raises
+        ``NotImplementedError`` if a mixer has no ``flops`` method.
+        """
+        seq_len = check_int("DecoderLM.forward_flops", "seq_len", seq_len)
+        per_repeat = 0
+        for block in self.blocks.layers.blocks:
+            per_repeat += mixer_flops(block.mixer, seq_len, "DecoderLM") + mlp_flops(block.mlp, seq_len)
+        return int(self.num_repeats * per_repeat + 2 * seq_len * self.dim * self.vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets (byte-level vocabulary by default; every argument can be overridden)
+# ----------------------------------------------------------------------------------------------
+
+_LM_BASE = dict(vocab_size=256, pattern="attn")
+
+
+def _lm_preset(name: str, dim: int, depth: int, num_heads: int):
+    def factory(*, rngs: nnx.Rngs, **overrides) -> DecoderLM:
+        return build_from_preset(DecoderLM, name, dict(_LM_BASE, dim=dim, depth=depth, num_heads=num_heads), overrides, rngs)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"Decoder LM preset: D {dim}, {depth} layers, {num_heads} heads, byte vocabulary, pattern 'attn'."
+    return register_model(name)(factory)
+
+
+lm_nano = _lm_preset("lm_nano", 64, 2, 2)
+lm_tiny = _lm_preset("lm_tiny", 128, 4, 4)
+lm_small = _lm_preset("lm_small", 384, 6, 6)
+lm_base = _lm_preset("lm_base", 768, 12, 12)

@@ -1,0 +1,385 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) with timm's architecture and any 1-D token mixer.
+
+>>> from attnzoo import zoo
+>>> m = zoo.create_model("vit_tiny_patch16_224", rngs=nnx.Rngs(0), num_classes=10)
+>>> logits = m(images)                        # images [B,224,224,3] NHWC -> [B,10] float32
+>>> feats = m.forward_features(images)        # [B, 197, 192] after the final norm
+>>> maps = m.forward_intermediates(images, indices=[3, 7, 11], output_fmt="NHWC")  # 3 x [B,14,14,192]
+
+Architecture (timm ``VisionTransformer``): patch embedding (a stride-``p`` ``p x p`` convolution,
+computed as reshape + dense) -> prepend class token -> add learned position embedding (class
+token included) -> ``depth`` pre-norm blocks ``x + mixer(LN(x))``, ``x + MLP(LN(x))`` (GELU MLP,
+biases everywhere) -> final LayerNorm -> pool (class token or mean of patch tokens) -> linear head.
+With ``global_pool="avg"`` timm applies the final norm after pooling (``fc_norm``); so does this.
+
+Parameters (logical axes): ``patch_embed.kernel [ph*pw*C, D]`` (None, embed) with the patch
+pixels in (row, column, channel) order, i.e. ``kernel[(i * pw + j) * C + c, d]`` is timm's
+``patch_embed.proj.weight[d, c, i, j]``; ``patch_embed.bias [D]``; ``cls_token [1, 1, D]`` and
+``pos_embed [1, N, D]`` (None, None, embed); ``blocks.layers.*`` stacked ``[depth, ...]``
+(layers, ...); ``norm`` / ``fc_norm`` (norm); ``head.kernel [D, num_classes]`` (embed, None).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnzoo.layers import MLP, Dense, LayerNorm, create_mixer, get_mixer_class
+from attnzoo.layers.common import DType, compute_dtype, partitioned
+from attnzoo.pallas_kernels.common import check_int
+from attnzoo.zoo.common import LayerStack, build_from_preset, mixer_flops, mlp_flops
+from attnzoo.zoo.registry import register_model
+
+__all__ = ["VisionTransformer", "ViTBlock"]
+
+
+class ViTBlock(nnx.Module):
+    """Pre-norm transformer block: ``x + mixer(LN(x))`` then ``x + MLP(LN(x))`` (GELU MLP).
+
+    ``x [B, N, D] -> [B, N, D]`` in the compute dtype. The mixer is built with
+    ``create_mixer(mixer, dim=D, num_heads=num_heads, dtype=..., param_dtype=..., **mixer_options)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mlp_dim: int,
+        mixer: str,
+        mixer_options: dict[str, Any],
+        norm_eps: float,
+        dtype: DType | None,
+        param_dtype: DType,
+        rngs: nnx.Rngs,
+    ):
+        self.norm1 = LayerNorm(dim, epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.mixer = create_mixer(
+            mixer, dim=dim, num_heads=num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype, **mixer_options
+        )
+        self.norm2 = LayerNorm(dim, epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = MLP(dim, mlp_dim, kind="gelu", use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x ``[B, N, D]`` -> ``[B, N, D]``."""
+        x = x + self.mixer(self.norm1(x)).astype(x.dtype)
+        return x + self.mlp(self.norm2(x)).astype(x.dtype)
+
+
+def _image_size(name: str, value) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"VisionTransformer: {name} must be an int or a (height, width) pair, got {value!r}")
+        return check_int("VisionTransformer", f"{name}[0]", value[0]), check_int("VisionTransformer", f"{name}[1]", value[1])
+    size = check_int("VisionTransformer", name, value)
+    return size, size
+
+
+class VisionTransformer(nnx.Module):
+    """timm's ViT with a pluggable token mixer, NHWC images.
+
+    Args:
+      img_size: input height and width (an int or ``(H, W)``); each must divide by ``patch_size``.
+      patch_size: patch height and width (an int or ``(ph, pw)``).
+      in_chans: input channels ``C``.
+      num_classes: classes of the head; 0 = no head (``forward_head`` returns pooled features).
+      dim: width ``D``. depth: number of blocks. num_heads: heads of the mixer.
+      mlp_ratio: MLP hidden width is ``int(D * mlp_ratio)``.
+      mixer: any registered 1-D mixer name (``attnzoo.layers.list_mixers()``).
+      mixer_options: extra keyword arguments of the mixer. For ``"attention"`` the defaults are
+        ``causal=False, use_rope=False, qkv_bias=qkv_bias, out_bias=True`` (timm's attention).
+      class_token: prepend a learned class token.
+      global_pool: ``"token"`` (class token; needs ``class_token``) or ``"avg"`` (mean of patch tokens).
+      fc_norm: apply the final norm after pooling instead of before; default (None) is timm's:
+        True exactly for ``global_pool="avg"``.
+      qkv_bias: bias on q/k/v projections (attention mixer).
+      norm_eps: LayerNorm epsilon (timm: 1e-6).
+      remat: remat policy name per block ("none", "full", "dots", "dots_no_batch", "save_nothing").
+      scan_layers: apply the blocks with ``nnx.scan`` (True) or a Python loop (False); the same
+        parameters either way.
+      dtype: compute dtype (default: promotion of input and parameter dtypes).
+      param_dtype: parameter dtype. logits_dtype: dtype of the logits (default float32).
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int | Sequence[int] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        mixer: str = "attention",
+        mixer_options: dict[str, Any] | None = None,
+        class_token: bool = True,
+        global_pool: str = "token",
+        fc_norm: bool | None = None,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+        remat: str = "none",
+        scan_layers: bool = True,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        logits_dtype: DType = jnp.float32,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        owner = "VisionTransformer"
+        self.img_size = _image_size("img_size", img_size)
+        self.patch_size = _image_size("patch_size", patch_size)
+        for axis, (size, patch) in enumerate(zip(self.img_size, self.patch_size)):
+            if size % patch:
+                raise ValueError(
+                    f"{owner}: img_size {self.img_size} must be divisible by patch_size {self.patch_size} "
+                    f"(axis {axis}: {size} % {patch} = {size % patch})"
+                )
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = check_int(owner, "in_chans", in_chans)
+        self.num_classes = check_int(owner, "num_classes", num_classes, minimum=0)
+        self.dim = check_int(owner, "dim", dim)
+        self.depth = check_int(owner, "depth", depth)
+        self.num_heads = check_int(owner, "num_heads", num_heads)
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
+            raise ValueError(f"{owner}: mlp_ratio must be a positive number, got {mlp_ratio!r}")
+        self.mlp_dim = int(dim * mlp_ratio)
+        if not isinstance(mixer, str):
+            raise TypeError(f"{owner}: mixer must be a registered mixer name (str), got {type(mixer).__name__}")
+        get_mixer_class(mixer)  # ValueError listing the known mixers
+        self.mixer_name = mixer
+        if mixer_options is not None and not isinstance(mixer_options, dict):
+            raise TypeError(f"{owner}: mixer_options must be a dict or None, got {type(mixer_options).__name__}")
+        options = {}
+        if mixer == "attention":
+            options = dict(causal=False, use_rope=False, qkv_bias=bool(qkv_bias), out_bias=True)
+        options.update(mixer_options or {})
+        if not isinstance(class_token, bool):
+            raise TypeError(f"{owner}: class_token must be a bool, got {type(class_token).__name__}")
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"{owner}: global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError(f"{owner}: global_pool='token' needs class_token=True (or use global_pool='avg')")
+        self.class_token = class_token
+        self.num_prefix_tokens = int(class_token)
+        self.num_tokens = self.num_patches + self.num_prefix_tokens
+        self.global_pool = global_pool
+        use_fc_norm = global_pool == "avg" if fc_norm is None else bool(fc_norm)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.logits_dtype = jnp.dtype(logits_dtype)
+        if not jnp.issubdtype(self.logits_dtype, jnp.floating):
+            raise TypeError(f"{owner}: logits_dtype must be a floating dtype, got {self.logits_dtype}")
+
+        patch_pixels = self.patch_size[0] * self.patch_size[1] * self.in_chans
+        dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.patch_embed = Dense(patch_pixels, dim, logical_axes=(None, "embed"), use_bias=True, **dense)
+        embed_init = nnx.initializers.truncated_normal(stddev=0.02)
+        self.cls_token = (
+            nnx.Param(partitioned(nnx.initializers.normal(1e-6), (None, None, "embed"))(rngs.params(), (1, 1, dim), param_dtype))
+            if class_token
+            else None
+        )
+        self.pos_embed = nnx.Param(
+            partitioned(embed_init, (None, None, "embed"))(rngs.params(), (1, self.num_tokens, dim), param_dtype)
+        )
+
+        def make_block(block_rngs: nnx.Rngs) -> ViTBlock:
+            return ViTBlock(
+                dim, num_heads, mlp_dim=self.mlp_dim, mixer=mixer, mixer_options=options,
+                norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=block_rngs,
+            )
+
+        self.blocks = LayerStack(make_block, depth, remat=remat, scan_layers=scan_layers, rngs=rngs)
+        norm = dict(epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.norm = None if use_fc_norm else LayerNorm(dim, **norm)
+        self.fc_norm = LayerNorm(dim, **norm) if use_fc_norm else None
+        self.head = Dense(dim, num_classes, logical_axes=("embed", None), use_bias=True, **dense) if num_classes else None
+
+    # ------------------------------------------------------------------------------------------
+    # timm's feature contract
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """One entry per block: ``num_chs`` (D), ``reduction`` (patch stride), ``module`` (name)."""
+        reduction = self.patch_size[0] if self.patch_size[0] == self.patch_size[1] else self.patch_size
+        return [dict(num_chs=self.dim, reduction=reduction, module=f"blocks.{i}") for i in range(self.depth)]
+
+    def _check_images(self, images) -> None:
+        owner = "VisionTransformer"
+        if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+            raise TypeError(f"{owner}: images must be an array [B,H,W,C], got {type(images).__name__}")
+        want = (*self.img_size, self.in_chans)
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(
+                f"{owner}: images must have shape [B,H,W,C] = [B, {want[0]}, {want[1]}, {want[2]}] (NHWC), "
+                f"got {tuple(images.shape)}"
+            )
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise TypeError(f"{owner}: images must have a floating dtype, got {images.dtype}")
+
+    def _embed(self, images: jax.Array) -> jax.Array:
+        """images ``[B,H,W,C]`` -> tokens ``[B, num_tokens, D]`` (patches, class token, positions)."""
+        self._check_images(images)
+        batch = images.shape[0]
+        (gh, gw), (ph, pw) = self.grid_size, self.patch_size
+        patches = images.reshape(batch, gh, ph, gw, pw, self.in_chans).transpose(0, 1, 3, 2, 4, 5)
+        x = self.patch_embed(patches.reshape(batch, gh * gw, ph * pw * self.in_chans))
+        if self.cls_token is not None:
+            cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (batch, 1, self.dim))
+            x = jnp.concatenate([cls, x], axis=1)
+        return x + self.pos_embed[...].astype(x.dtype)
+
+    def forward_features(self, images: jax.Array) -> jax.Array:
+        """images ``[B,H,W,C]`` -> tokens ``[B, num_tokens, D]`` after the final norm (class token
+        first when present); with ``fc_norm`` the norm comes after pooling instead."""
+        x = self.blocks(self._embed(images))
+        return x if self.norm is None else self.norm(x)
+
+    def forward_head(self, features: jax.Array, pre_logits: bool = False) -> jax.Array:
+        """features ``[B, num_tokens, D]`` -> logits ``[B, num_classes]`` in ``logits_dtype``
+        (``[B, D]`` pooled features when ``pre_logits`` or ``num_classes == 0``)."""
+        if not hasattr(features, "shape") or features.ndim != 3 or tuple(features.shape[1:]) != (self.num_tokens, self.dim):
+            raise ValueError(
+                f"VisionTransformer.forward_head: features must have shape [B, {self.num_tokens}, {self.dim}], "
+                f"got {getattr(features, 'shape', type(features).__name__)}"
+            )
+        if self.global_pool == "token":
+            pooled = features[:, 0]
+        else:
+            pooled = jnp.mean(features[:, self.num_prefix_tokens :], axis=1)
+        if self.fc_norm is not None:
+            pooled = self.fc_norm(pooled)
+        if pre_logits or self.head is None:
+            return pooled
+        dtype = compute_dtype(self.dtype, pooled, self.param_dtype)
+        accumulate = jnp.promote_types(dtype, jnp.float32)
+        logits = jnp.einsum(
+            "bd,dc->bc", pooled.astype(dtype), self.head.kernel[...].astype(dtype), preferred_element_type=accumulate
+        )
+        return (logits + self.head.bias[...].astype(accumulate)).astype(self.logits_dtype)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """images ``[B,H,W,C]`` (NHWC, floating) -> logits ``[B, num_classes]`` in ``logits_dtype``."""
+        return self.forward_head(self.forward_features(images))
+
+    def forward_intermediates(
+        self,
+        images: jax.Array,
+        indices: int | Sequence[int] | None = None,
+        *,
+        norm: bool = False,
+        output_fmt: str = "NLC",
+        intermediates_only: bool = True,
+    ):
+        """Outputs of selected blocks (timm's ``forward_intermediates``).
+
+        Args:
+          images: ``[B,H,W,C]``.
+          indices: block indices (negative count from the end), or an int ``n`` = the last ``n``
+            blocks, or None = all blocks.
+          norm: apply the final norm to each intermediate.
+          output_fmt: ``"NLC"`` -> ``[B, num_tokens, D]`` (class token first, if any);
+            ``"NHWC"`` -> patch tokens as a grid ``[B, H/p, W/p, D]``.
+          intermediates_only: return only the list; else ``(final features, list)`` where final
+            features are :meth:`forward_features`'s.
+
+        Returns a list (in the order of ``indices``) of arrays in the compute dtype.
+        """
+        owner = "VisionTransformer.forward_intermediates"
+        if output_fmt not in ("NLC", "NHWC"):
+            raise ValueError(f"{owner}: output_fmt must be 'NLC' or 'NHWC', got {output_fmt!r}")
+        if indices is None:
+            chosen = list(range(self.depth))
+        elif isinstance(indices, int) and not isinstance(indices, bool):
+            if not 1 <= indices <= self.depth:
+                raise ValueError(f"{owner}: an int indices takes the last n blocks, n in [1, {self.depth}], got {indices}")
+            chosen = list(range(self.depth - indices, self.depth))
+        else:
+            chosen = []
+            for index in indices:
+                if isinstance(index, bool) or not isinstance(index, int) or not -self.depth <= index < self.depth:
+                    raise ValueError(f"{owner}: indices must be ints in [-{self.depth}, {self.depth}), got {list(indices)!r}")
+                chosen.append(index % self.depth)
+        final, per_block = self.blocks(self._embed(images), return_all=True)
+        normed = self.norm if self.norm is not None else self.fc_norm
+        outputs = []
+        for index in chosen:
+            out = per_block[index]
+            if norm and normed is not None:
+                out = normed(out)
+            if output_fmt == "NHWC":
+                out = out[:, self.num_prefix_tokens :].reshape(out.shape[0], *self.grid_size, self.dim)
+            outputs.append(out)
+        if intermediates_only:
+            return outputs
+        return (final if self.norm is None else self.norm(final)), outputs
+
+    # ------------------------------------------------------------------------------------------
+    # Cost model
+    # ------------------------------------------------------------------------------------------
+
+    def forward_flops(self, example_shape: Sequence[int] | None = None) -> int:
+        """Analytic forward FLOPs for ONE image (matmuls only, 2 FLOPs per multiply-add).
+
+        With ``Np`` patches of ``P = ph * pw * C`` pixels, ``N = Np + prefix`` tokens, width
+        ``D``, MLP width ``F`` and ``K`` classes::
+
+            patch embedding:  2 * Np * P * D
+            per block:        mixer.flops(N)        (attention: q/k/v/o projections 8 N D^2 at
+                                                     full width, scores and values 4 N^2 D)
+                              + 2 * N * D * F * 2   (MLP fc1, fc2)
+            head:             2 * D * K
+
+        Norms, GELU, softmax, biases, pooling and the position embedding are not counted.
+
+        Args:
+          example_shape: ``(H, W, C)`` of one image; must equal the model's (default).
+        Raises ``NotImplementedError`` if the mixer has no ``flops`` method.
+        """
+        want = (*self.img_size, self.in_chans)
+        if example_shape is not None and tuple(example_shape) != want:
+            raise ValueError(
+                f"VisionTransformer.forward_flops: example_shape must be (H, W, C) = {want}, got {tuple(example_shape)!r}"
+            )
+        patch_pixels = self.patch_size[0] * self.patch_size[1] * self.in_chans
+        mixer = self.blocks.layers.mixer
+        per_block = mixer_flops(mixer, self.num_tokens, "VisionTransformer") + mlp_flops(
+            self.blocks.layers.mlp, self.num_tokens
+        )
+        head = 2 * self.dim * self.num_classes
+        return int(2 * self.num_patches * patch_pixels * self.dim + self.depth * per_block + head)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets (timm names)
+# ----------------------------------------------------------------------------------------------
+
+_VIT_BASE = dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000)
+
+
+@register_model("vit_tiny_patch16_224")
+def vit_tiny_patch16_224(*, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
+    """ViT-Ti/16 at 224 (timm ``vit_tiny_patch16_224``): D 192, 12 blocks, 3 heads; 5,717,416 params."""
+    preset = dict(_VIT_BASE, dim=192, depth=12, num_heads=3)
+    return build_from_preset(VisionTransformer, "vit_tiny_patch16_224", preset, overrides, rngs)
+
+
+@register_model("vit_small_patch16_224")
+def vit_small_patch16_224(*, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
+    """ViT-S/16 at 224 (timm ``vit_small_patch16_224``): D 384, 12 blocks, 6 heads; 22,050,664 params."""
+    preset = dict(_VIT_BASE, dim=384, depth=12, num_heads=6)
+    return build_from_preset(VisionTransformer, "vit_small_patch16_224", preset, overrides, rngs)
+
+
+@register_model("vit_base_patch16_224")
+def vit_base_patch16_224(*, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
+    """ViT-B/16 at 224 (timm ``vit_base_patch16_224``): D 768, 12 blocks, 12 heads; 86,567,656 params."""
+    preset = dict(_VIT_BASE, dim=768, depth=12, num_heads=12)
+    return build_from_preset(VisionTransformer, "vit_base_patch16_224", preset, overrides, rngs)

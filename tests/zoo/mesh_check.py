@@ -1,0 +1,96 @@
+"""Builds both zoo models under an 8-device CPU mesh; executed in a subprocess by test_mesh.py.
+
+It needs ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` set before JAX is imported, which
+a pytest process that already imported JAX cannot do. For each model: parameters created under
+``jax.set_mesh`` + ``nnx.logical_axis_rules`` are placed as the rules say (stacked layer axis
+replicated), and the jitted forward on a batch-sharded input equals the unsharded model's.
+Prints one ``ok`` line per model and exits non-zero on failure.
+"""
+
+import os
+
+if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):
+    raise SystemExit("set XLA_FLAGS=--xla_force_host_platform_device_count=8 before running")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from attnzoo import zoo  # noqa: E402
+
+# The test's "config": logical name -> mesh axis.
+RULES = (
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+RULE_MAP = dict(RULES)
+
+CASES = {
+    "vit": dict(
+        name="vit_tiny_patch16_224",
+        overrides=dict(img_size=32, patch_size=8, dim=32, depth=2, num_heads=4, num_classes=64),
+        inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+    ),
+    "lm": dict(
+        name="lm_nano",
+        # Shapes shared with the ViT where possible: initializers compile once per shape.
+        overrides=dict(dim=32, depth=4, num_heads=4, pattern="swa,attn", sliding_window=3, vocab_size=64),
+        inputs=lambda rng: jnp.asarray(rng.integers(0, 64, size=(4, 12)), jnp.int32),
+    ),
+}
+
+
+def _expected_spec(names):
+    return P(*[None if name is None else RULE_MAP[name] for name in names])
+
+
+def _forward(model, x):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
+
+
+def check(case: str) -> None:
+    spec = CASES[case]
+    x = spec["inputs"](np.random.default_rng(0))
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+        model = zoo.create_model(spec["name"], rngs=nnx.Rngs(0), **spec["overrides"])
+        params = nnx.state(model, nnx.Param)
+        variables = jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        sharded = 0
+        for path, variable in variables:
+            leaf = variable[...]
+            want = _expected_spec(tuple(variable.get_metadata()["out_sharding"]))
+            assert isinstance(leaf.sharding, NamedSharding), (path, leaf.sharding)
+            got = leaf.sharding.spec
+            pad = lambda s: tuple(s) + (None,) * (leaf.ndim - len(s))  # noqa: E731  (trailing Nones)
+            assert pad(got) == pad(want), f"{jax.tree_util.keystr(path)}: sharding {got}, rules say {want}"
+            sharded += any(axis is not None for axis in got)
+        assert sharded > 0, "no parameter is sharded"
+        x_sharded = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+        y = _forward(model, x_sharded)
+        assert y.sharding.mesh.shape == mesh.shape
+
+    # The same parameters, gathered onto one device, without a mesh.
+    graphdef, state = nnx.split(model)
+    single = jax.devices()[0]
+    local = nnx.merge(graphdef, jax.tree.map(lambda a: jax.device_put(np.asarray(a), single), state))
+    y_ref = _forward(local, jax.device_put(x, single))
+    assert len(y_ref.sharding.device_set) == 1
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
+    print(f"ok {case}: {len(variables)} parameters placed by the rules ({sharded} sharded), forward equal", flush=True)
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, jax.devices()
+    for case in CASES:
+        check(case)

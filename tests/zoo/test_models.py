@@ -1,0 +1,140 @@
+"""Every registered model: parameter count (no allocation), a small real forward, FLOPs, logical
+axis names; the registry's errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from attnzoo import layers, zoo
+from attnzoo.zoo import DecoderLM, VisionTransformer
+from tests.zoo.helpers import KNOWN_LOGICAL_AXES, build, fast_jit, logical_axes, num_params
+
+TIMM_PARAMS = {
+    "vit_tiny_patch16_224": 5_717_416,
+    "vit_small_patch16_224": 22_050_664,
+    "vit_base_patch16_224": 86_567_656,
+}
+
+# Small overrides for real forwards (full-size models are only built abstractly).
+# ViT and LM share most parameter shapes, so their initializers compile once.
+SMALL = {
+    VisionTransformer: dict(img_size=32, patch_size=8, dim=32, depth=2, num_heads=4, num_classes=64),
+    DecoderLM: dict(dim=32, depth=2, num_heads=4, vocab_size=64),
+}
+
+
+def _abstract(name):
+    return nnx.eval_shape(lambda: zoo.create_model(name, rngs=nnx.Rngs(0)))
+
+
+def _expected_lm_params(model: DecoderLM) -> int:
+    d, v = model.dim, model.vocab_size
+    attn = model.blocks.layers.blocks[0].mixer
+    per_layer = (
+        2 * d  # two RMSNorm scales
+        + d * attn.head_dim * (2 * attn.num_heads + 2 * attn.num_kv_heads)  # q, k, v, o
+        + 3 * d * model.mlp_dim  # swiglu gate, up, down
+    )
+    return v * d + model.depth * per_layer + d + (0 if model.tie_embeddings else d * v)
+
+
+def test_registry_lists_the_presets():
+    assert zoo.list_models("vit_*") == ["vit_base_patch16_224", "vit_small_patch16_224", "vit_tiny_patch16_224"]
+    assert zoo.list_models("lm_*") == ["lm_base", "lm_nano", "lm_small", "lm_tiny"]
+    assert zoo.list_models() == sorted(zoo.list_models())
+    assert zoo.list_models("nothing*") == []
+
+
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_parameter_count(name):
+    model = _abstract(name)
+    count = num_params(model)
+    if name in TIMM_PARAMS:
+        assert count == TIMM_PARAMS[name]
+    else:
+        assert count == _expected_lm_params(model)
+    # nothing was allocated
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model)))
+
+
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_logical_axis_names(name):
+    axes = logical_axes(_abstract(name))
+    assert axes
+    for path, (names, ndim) in axes.items():
+        assert names is not None and len(names) == ndim, (path, names)
+        assert set(names) <= KNOWN_LOGICAL_AXES, (path, names)
+        if "blocks" in path:
+            assert names[0] == "layers", (path, names)
+
+
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_small_forward_and_flops(name):
+    factory_model = _abstract(name)
+    assert factory_model.forward_flops(*(() if isinstance(factory_model, VisionTransformer) else (256,))) > 0
+    model = zoo.create_model(name, rngs=nnx.Rngs(0), **SMALL[type(factory_model)])
+    if isinstance(model, VisionTransformer):
+        inputs = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+        shape = (2, 64)
+    else:
+        inputs = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 9)), jnp.int32)
+        shape = (2, 9, 64)
+    out = fast_jit(lambda m, x: m(x))(model, inputs)
+    assert out.shape == shape and out.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(out)))
+    flops = model.forward_flops() if isinstance(model, VisionTransformer) else model.forward_flops(9)
+    assert isinstance(flops, int) and flops > 0
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match=r"unknown model 'vit_tiny'; did you mean .*'vit_tiny_patch16_224'.*list_models\(\)"):
+        zoo.create_model("vit_tiny", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"unknown model 'lm_tiyn'; did you mean 'lm_tiny'"):
+        zoo.get_model_factory("lm_tiyn")
+    with pytest.raises(ValueError, match=r"unknown model 'zzz' Call attnzoo.zoo.list_models\(\)"):
+        zoo.create_model("zzz", rngs=nnx.Rngs(0))
+
+
+def test_register_model():
+    with pytest.raises(ValueError, match="'lm_nano' is already registered"):
+        zoo.register_model("lm_nano")(lambda *, rngs: None)
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        zoo.register_model("")
+
+
+def test_mixer_without_flops_is_reported():
+    """A registered mixer without a ``flops`` method runs, but forward_flops names it."""
+
+    class NoFlops(nnx.Module):
+        def __init__(self, dim, num_heads, *, rngs, dtype=None, param_dtype=jnp.float32):
+            self.proj = layers.Dense(dim, dim, logical_axes=("embed", "mlp"), rngs=rngs)
+
+        def __call__(self, x, *, segment_ids=None, positions=None):
+            return self.proj(x)
+
+    name = "_zoo_test_no_flops"
+    layers.register_mixer(name)(NoFlops)
+    try:
+        lm = build(lambda: DecoderLM(vocab_size=16, dim=8, depth=2, num_heads=2, pattern=f"attn,{name}", rngs=nnx.Rngs(0)))
+        assert fast_jit(lambda m, x: m(x))(lm, jnp.zeros((1, 4), jnp.int32)).shape == (1, 4, 16)
+        with pytest.raises(NotImplementedError, match=r"DecoderLM.forward_flops: mixer .*NoFlops has no flops\(seq_len\)"):
+            lm.forward_flops(4)
+        vit = nnx.eval_shape(lambda: VisionTransformer(
+            img_size=8, patch_size=4, in_chans=1, num_classes=2, dim=8, depth=1, num_heads=2, mixer=name, rngs=nnx.Rngs(0)))
+        with pytest.raises(NotImplementedError, match=r"VisionTransformer.forward_flops: mixer .*NoFlops"):
+            vit.forward_flops()
+    finally:
+        from attnzoo.layers import registry
+
+        registry._MIXERS.pop(name)
+
+
+def test_remat_policy_names():
+    assert zoo.remat_policy("none") == (False, None)
+    assert zoo.remat_policy("full") == zoo.remat_policy("save_nothing") == (True, None)
+    assert zoo.remat_policy("dots") == (True, jax.checkpoint_policies.checkpoint_dots)
+    assert zoo.remat_policy("dots_no_batch") == (True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    with pytest.raises(ValueError, match=r"remat must be one of \['dots', 'dots_no_batch', 'full', 'none', 'save_nothing'\], got 'all'"):
+        zoo.remat_policy("all")
