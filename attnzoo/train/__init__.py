@@ -1,0 +1,1 @@
+"""The trainer: config -> mesh -> data -> model -> optimizer -> checkpoints."""
