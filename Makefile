@@ -3,15 +3,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench-attention env clean
+.PHONY: train demo test bench-attention env clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
 	$(PYTHON) -m uv venv -q --allow-existing -p $(PYTHON) $(VENV)
-	$(PYTHON) -m uv pip install -q -p $(PY) -e '.[test]'
+	$(PYTHON) -m uv pip install -q -p $(PY) -e '.[test,digits,colab]'
 	@touch $@
 
 env: $(VENV)/.installed
+
+# The main job: train the default config (MQAR, attnzoo/configs/mqar.py); rerunning resumes.
+train: env
+	$(PY) -m attnzoo.train --config attnzoo/configs/mqar.py --workdir runs/mqar $(TRAIN_ARGS)
 
 demo: env
 	$(PY) -m attnzoo.demo

@@ -27,3 +27,63 @@ def test_attention_benchmark_smoke(tmp_path):
     result = run("benchmarks/attention.py", "--smoke", "--output", str(tmp_path / "table.md"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "FAIL" not in result.stdout and "| xla |" in result.stdout
+
+
+def train_cli(workdir, config, *overrides, data_dir):
+    return run(
+        "-m", "attnzoo.train", "--config", config, "--workdir", str(workdir),
+        f"--config.data.data_dir={data_dir}", *overrides,
+    )
+
+
+@pytest.mark.slow
+def test_train_command_trains_then_resumes_instead_of_starting_over(tmp_path):
+    args = ("attnzoo/configs/mqar.py", "--config.num_steps=30", "--config.optimizer.warmup_steps=5",
+            "--config.log_every_steps=10", "--config.checkpoint.every_steps=10", "--config.eval_every_steps=0")
+    first = train_cli(tmp_path / "run", *args, data_dir=tmp_path / "tfds")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "step 30/30" in first.stdout and "final eval at step 30: accuracy" in first.stdout
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["10", "20", "30"]
+    second = train_cli(tmp_path / "run", *args, data_dir=tmp_path / "tfds")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from the checkpoint at step 30" in second.stderr
+    assert "step 10/30" not in second.stdout and "final eval at step 30" in second.stdout
+
+
+@pytest.mark.slow
+def test_vit_digits_config_trains(tmp_path):
+    result = train_cli(tmp_path / "run", "attnzoo/configs/vit_digits.py", "--config.num_steps=20",
+                       "--config.optimizer.warmup_steps=5", "--config.eval_every_steps=0",
+                       data_dir=tmp_path / "tfds")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "final eval at step 20: accuracy" in result.stdout
+
+
+def test_train_command_rejects_a_bad_config_with_exit_status_2(tmp_path):
+    result = train_cli(tmp_path / "run", "attnzoo/configs/mqar.py", "--config.model.name=lm_nanoo",
+                       data_dir=tmp_path / "tfds")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "config error" in result.stderr and "lm_nano" in result.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "colab" / "quickstart.ipynb", as_version=4)
+    env = {"QUICKSTART_STEPS": "40", "TFDS_DATA_DIR": str(tmp_path / "tfds"), "PYTHONPATH": str(ROOT)}
+    old = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    outputs = "".join(
+        output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+    )
+    assert "restored eval" in outputs and "final train loss" in outputs
