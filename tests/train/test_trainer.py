@@ -159,6 +159,8 @@ def test_killed_and_terminated_runs_resume_exactly(tmp_path, data_dir):
         steps = [json.loads(line)["step"] for line in open(tmp_path / name / "metrics.jsonl")
                  if json.loads(line)["split"] == "train"]
         assert steps == list(range(10, 151, 10))
+        # keep-N: of the 30 checkpoints written (every 5 steps), the newest 3 remain.
+        assert sorted(int(p) for p in os.listdir(tmp_path / name / "checkpoints")) == [140, 145, 150]
 
 
 def test_checkpoint_from_8_devices_restores_on_1_and_4(tmp_path, data_dir):
