@@ -147,10 +147,10 @@ class LayerStack(nnx.Module):
 
 
 def mixer_flops(mixer: nnx.Module, seq_len: int, owner: str) -> int:
-    """``mixer.flops(seq_len)``; a mixer without a ``flops`` method raises ``NotImplementedError``."""
+    """``mixer.flops(seq_len)``; a mixer without a ``flops`` method raises ``TypeError``."""
     flops = getattr(mixer, "flops", None)
     if not callable(flops):
-        raise NotImplementedError(
+        raise TypeError(
             f"{owner}.forward_flops: mixer {type(mixer).__module__}.{type(mixer).__qualname__} has no "
             "flops(seq_len) method, so its cost cannot be counted; add one to the mixer"
         )

@@ -300,7 +300,7 @@ class DecoderLM(nnx.Module):
             head:       2 * T * D * V             (tied or not)
 
         The embedding lookup, norms, RoPE, softmax and activations are not counted. Raises
-        ``NotImplementedError`` if a mixer has no ``flops`` method.
+        ``TypeError`` if a mixer has no ``flops`` method.
         """
         seq_len = check_int("DecoderLM.forward_flops", "seq_len", seq_len)
         per_repeat = 0

@@ -341,7 +341,7 @@ class VisionTransformer(nnx.Module):
 
         Args:
           example_shape: ``(H, W, C)`` of one image; must equal the model's (default).
-        Raises ``NotImplementedError`` if the mixer has no ``flops`` method.
+        Raises ``TypeError`` if the mixer has no ``flops`` method.
         """
         want = (*self.img_size, self.in_chans)
         if example_shape is not None and tuple(example_shape) != want:
