@@ -59,6 +59,9 @@ __all__ = [
     "apply_rope",
     "rope_inv_frequencies",
     "ShortConvolution",
+    "GatedRMSNorm",
+    "RecurrentCache",
+    "padding_mask",
 ]
 
 
@@ -695,3 +698,79 @@ class ShortConvolution(nnx.Module):
         window = jnp.concatenate([state.astype(accumulate), x_t[:, None, :].astype(accumulate)], axis=1)  # [B,K,C]
         y = jnp.einsum("bkc,kc->bc", window, self.weight[...].astype(accumulate))
         return self._finish(y, dtype), window[:, 1:].astype(state.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of recurrent (linear-attention / delta-rule) mixers
+# ----------------------------------------------------------------------------------------------
+
+
+class GatedRMSNorm(nnx.Module):
+    """RMSNorm of each head's output times an activated gate: ``rms(o) * scale * act(gate)``.
+
+    fla's ``FusedRMSNormGated`` (GLA, Gated DeltaNet: swish; KDA: sigmoid). Statistics in float32.
+
+    Args:
+      num_features: the normalised last axis (a head's value dim; the scale is shared by heads).
+      activation: "silu" (swish) or "sigmoid". epsilon: added to the mean square.
+      dtype / param_dtype: compute / parameter dtypes. rngs: unused (uniform constructor).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        activation: str = "silu",
+        epsilon: float = 1e-5,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        if activation not in ("silu", "sigmoid"):
+            raise ValueError(f"GatedRMSNorm: activation must be 'silu' or 'sigmoid', got {activation!r}")
+        self.activation = activation
+        self.norm = RMSNorm(num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
+        """x, gate ``[..., num_features]`` -> same shape in the compute dtype."""
+        if gate.shape != x.shape:
+            raise ValueError(f"GatedRMSNorm: gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
+        y = self.norm(x)
+        stat_dtype = jnp.promote_types(y.dtype, jnp.float32)
+        act = jax.nn.silu if self.activation == "silu" else jax.nn.sigmoid
+        return (y.astype(stat_dtype) * act(gate.astype(stat_dtype))).astype(y.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RecurrentCache:
+    """Decoding cache of a recurrent mixer (linear attention, delta rule, SSM).
+
+    Attributes:
+      state: ``[B, H, K, V]`` float32 recurrent state after the tokens seen so far.
+      conv: short-convolution states, a tuple of ``[B, kernel-1, C]`` arrays (empty if none).
+      lengths: ``[B]`` int32 tokens seen per row.
+      extra: mixer-specific arrays (e.g. a sliding-window KV cache), a tuple (often empty).
+    """
+
+    state: jax.Array
+    conv: tuple = ()
+    lengths: jax.Array | None = None
+    extra: tuple = ()
+
+
+def padding_mask(valid_lengths: jax.Array | None, batch: int, length: int) -> jax.Array | None:
+    """``[B, T]`` bool, True at real tokens of right-padded rows (None when every token is real).
+
+    Recurrent mixers zero keys, values and log-decays at padding, which leaves the state unchanged,
+    so a prefill of rows with different lengths ends each row's state after its own last token.
+    """
+    if valid_lengths is None:
+        return None
+    valid_lengths = jnp.asarray(valid_lengths)
+    if valid_lengths.shape != (batch,) or not jnp.issubdtype(valid_lengths.dtype, jnp.integer):
+        raise ValueError(
+            f"valid_lengths must be an int array of shape {(batch,)} [B], got "
+            f"{valid_lengths.dtype}{tuple(valid_lengths.shape)}"
+        )
+    return jnp.arange(length)[None, :] < valid_lengths[:, None]

@@ -19,6 +19,20 @@ from attnzoo.pallas_kernels.attention import (
     attention_decode,
     block_metadata,
 )
+from attnzoo.pallas_kernels.linear_rnn import (
+    delta_rule,
+    delta_rule_step,
+    gated_delta_rule,
+    gated_delta_rule_step,
+    gla,
+    gla_step,
+    kda,
+    kda_step,
+    linear_attention,
+    linear_attention_step,
+    simple_gla,
+    simple_gla_step,
+)
 
 __all__ = [
     "attention",
@@ -38,4 +52,16 @@ __all__ = [
     "NotMask",
     "BlockMetadata",
     "block_metadata",
+    "linear_attention",
+    "simple_gla",
+    "gla",
+    "delta_rule",
+    "gated_delta_rule",
+    "kda",
+    "linear_attention_step",
+    "simple_gla_step",
+    "gla_step",
+    "delta_rule_step",
+    "gated_delta_rule_step",
+    "kda_step",
 ]

@@ -1,0 +1,343 @@
+"""The chunkwise-parallel form of the recurrence, shared by every op and implementation.
+
+The sequence is cut into chunks of ``C`` tokens. Inside a chunk, with the chunk-start state
+``S0 [K, V]`` and cumulative log-decays ``G_i = sum_{s <= i} gk_s`` (a vector over K; a scalar
+gate is the same on every channel), every token's write ``u_i`` and output ``o_i`` follow from
+matmuls:
+
+    delta rule:  (I + A) U = beta * (V - (K * e^G) S0),  A_ij = beta_i sum_c k_ic k_jc e^(G_ic - G_jc)  (j < i)
+                 so  U = U' - W S0  with  W = (I + A)^-1 (beta * K * e^G),  U' = (I + A)^-1 (beta * V)
+    otherwise:   U = V,  W = 0
+    outputs:     O = scale * ((Q * e^G) S0 + P U),   P_ij = sum_c q_ic k_jc e^(G_ic - G_jc)       (j <= i)
+    next state:  S1 = e^(G_C) * S0 + (K * e^(G_C - G))^T U
+
+Only the last two lines and ``U = U' - W S0`` involve the state, so a chunk splits into three
+stages (as in fla): :func:`prepare` (per chunk, parallel), :func:`state_pass` (sequential over
+chunks) and :func:`outputs` (parallel). Every exponent above is <= 0 when the log-decays are <= 0,
+so nothing overflows: a per-channel ``P``/``A`` is built from sub-chunks of ``c`` tokens, off-
+diagonal sub-chunk blocks as matmuls of factors rescaled to the end of the previous sub-chunk and
+diagonal blocks exactly, elementwise.
+
+Arrays here are chunk-major and head-major: ``[B, H, N, C, ...]`` (``N`` chunks). Computation is
+in float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Gates:
+    """Cumulative in-chunk log-decays: ``scalar [B,H,N,C]`` or ``channel [B,H,N,C,K]`` (or neither)."""
+
+    scalar: jax.Array | None = None
+    channel: jax.Array | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.scalar is None and self.channel is None
+
+    def factor(self):
+        """``e^G`` broadcastable against ``[B,H,N,C,K]``, or None."""
+        if self.scalar is not None:
+            return jnp.exp(self.scalar)[..., None]
+        if self.channel is not None:
+            return jnp.exp(self.channel)
+        return None
+
+    def factor_to_end(self):
+        """``e^(G_C - G)`` (decay from each token to the chunk's end), like :meth:`factor`."""
+        if self.scalar is not None:
+            return jnp.exp(self.scalar[..., -1:] - self.scalar)[..., None]
+        if self.channel is not None:
+            return jnp.exp(self.channel[..., -1:, :] - self.channel)
+        return None
+
+    def last(self):
+        """``G_C``, the whole chunk's log-decay: ``[B,H,N]`` or ``[B,H,N,K]``, or None."""
+        if self.scalar is not None:
+            return self.scalar[..., -1]
+        if self.channel is not None:
+            return self.channel[..., -1, :]
+        return None
+
+
+def _iota2(rows: int, cols: int):
+    """Row and column indices of a ``[rows, cols]`` grid (iota, so usable inside kernels)."""
+    shape = (rows, cols)
+    return jax.lax.broadcasted_iota(jnp.int32, shape, 0), jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+
+
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """``(I + A)^-1`` for strictly lower-triangular ``A [..., C, C]`` (C a power of two), by matmuls.
+
+    Block doubling: if ``D`` is the inverse of the block diagonal of ``I + A`` with blocks of
+    size ``b``, the inverse with blocks of ``2b`` is ``D - D E D``, ``E`` being ``A``'s entries that
+    join the two halves of each ``2b`` block (``E D E = 0``). ``log2(C)`` rounds of two matmuls,
+    which map onto matrix units, unlike a triangular solve.
+    """
+    size = a.shape[-1]
+    if size & (size - 1):
+        raise ValueError(f"unit_lower_inverse: the chunk size must be a power of two, got {size}")
+    rows, cols = _iota2(size, size)
+    inverse = jnp.broadcast_to(jnp.where(rows == cols, 1.0, 0.0).astype(a.dtype), a.shape)
+    block = 1
+    while block < size:
+        joins = (jax.lax.div(rows, jnp.int32(2 * block)) == jax.lax.div(cols, jnp.int32(2 * block))) & (
+            jax.lax.div(rows, jnp.int32(block)) != jax.lax.div(cols, jnp.int32(block))
+        )
+        joined = jnp.where(joins, a, 0)
+        inverse = inverse - inverse @ joined @ inverse
+        block *= 2
+    return inverse
+
+
+def blocked_unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """:func:`unit_lower_inverse` by recursive halving: only the diagonal blocks are multiplied.
+
+    ``[[A11, 0], [A21, A22]]^-1 = [[X1, 0], [-X2 A21 X1, X2]]`` with ``Xi = (I + Aii)^-1``, the two
+    halves of every block batched together down to 1 x 1 blocks: about ``C^3 / 3`` multiply-adds
+    instead of ``12 C^3`` (the masked full-size products of :func:`unit_lower_inverse`, which suit
+    a kernel holding one 2-D chunk). Same result; the ``xla`` engine uses this one.
+    """
+    size = a.shape[-1]
+    if size & (size - 1):
+        raise ValueError(f"blocked_unit_lower_inverse: the chunk size must be a power of two, got {size}")
+    lead = a.shape[:-2]
+    blocks = a[..., None, :, :]  # [..., m, s, s]: the diagonal blocks still to invert
+    off_diagonal = []
+    while blocks.shape[-1] > 1:
+        half = blocks.shape[-1] // 2
+        off_diagonal.append(blocks[..., half:, :half])
+        halves = jnp.stack([blocks[..., :half, :half], blocks[..., half:, half:]], axis=-3)
+        blocks = halves.reshape(*lead, -1, half, half)
+    inverse = jnp.ones(blocks.shape, a.dtype)
+    for lower in reversed(off_diagonal):
+        pairs, half = lower.shape[-3], lower.shape[-1]
+        both = inverse.reshape(*lead, pairs, 2, half, half)
+        first, second = both[..., 0, :, :], both[..., 1, :, :]
+        top = jnp.concatenate([first, jnp.zeros_like(first)], axis=-1)
+        bottom = jnp.concatenate([-(second @ lower @ first), second], axis=-1)
+        inverse = jnp.concatenate([top, bottom], axis=-2)
+    return inverse[..., 0, :, :]
+
+
+def chunk_scores(a, b, gates: Gates, *, strict: bool, subchunk: int, same_segment=None):
+    """``P_ij = sum_c a_ic b_jc e^(G_ic - G_jc)`` for ``j <= i`` (``j < i`` if ``strict``), else 0.
+
+    Args:
+      a, b: ``[B,H,N,C,K]``. gates: cumulative log-decays of the chunk.
+      subchunk: sub-chunk size for per-channel gates (divides ``C``).
+      same_segment: ``[B,1,N,C,C]`` bool or None; pairs in different segments are 0. Gates then
+        restart at segment starts, so rescaling exponents across a start may be positive: they
+        are clamped to 0, which only touches pairs the mask removes.
+
+    Returns ``[B,H,N,C,C]``.
+    """
+    size = a.shape[-2]
+    rows, cols = _iota2(size, size)
+    visible = rows > cols if strict else rows >= cols
+    if same_segment is not None:
+        visible = visible & same_segment
+    clamp = (lambda x: jnp.minimum(x, 0.0)) if same_segment is not None else (lambda x: x)  # noqa: E731
+    if gates.channel is None:
+        scores = jnp.einsum("...ik,...jk->...ij", a, b)
+        if gates.scalar is not None:
+            gap = gates.scalar[..., :, None] - gates.scalar[..., None, :]
+            scores = scores * jnp.exp(jnp.where(visible, gap, 0.0))
+        return jnp.where(visible, scores, 0.0)
+
+    gamma = gates.channel
+    n_sub = size // subchunk
+    lead = gamma.shape[:-2]
+    key_dim = gamma.shape[-1]
+    split = lambda x: x.reshape(*lead, n_sub, subchunk, key_dim)  # noqa: E731
+    a_sub, b_sub, gamma_sub = split(a), split(b), split(gamma)
+    # Off-diagonal sub-chunk blocks: rows of sub-chunk I against every earlier token, both factors
+    # rescaled to G at the end of sub-chunk I-1 (0 for I = 0, which has no earlier tokens).
+    reference = jnp.concatenate(
+        [jnp.zeros_like(gamma_sub[..., :1, -1, :]), gamma_sub[..., :-1, -1, :]], axis=-2
+    )  # [..., n_sub, K]
+    sub_index, position = _iota2(n_sub, size)
+    earlier = position < sub_index * subchunk  # [n_sub, C]: token before sub-chunk I
+    a_scaled = a_sub * jnp.exp(clamp(gamma_sub - reference[..., None, :]))
+    b_gap = jnp.where(earlier[:, :, None], clamp(reference[..., :, None, :] - gamma[..., None, :, :]), 0.0)
+    b_scaled = b[..., None, :, :] * jnp.exp(b_gap)  # [..., n_sub, C, K]
+    off = jnp.einsum("...nik,...njk->...nij", a_scaled, b_scaled)
+    off = jnp.where(earlier[:, None, :], off, 0.0).reshape(*lead, size, size)
+    # Diagonal blocks, exactly.
+    sub_rows, sub_cols = _iota2(subchunk, subchunk)
+    sub_visible = sub_rows > sub_cols if strict else sub_rows >= sub_cols
+    gap = gamma_sub[..., :, None, :] - gamma_sub[..., None, :, :]
+    decay = jnp.exp(jnp.where(sub_visible[..., None], gap, 0.0))
+    diag = jnp.einsum("...ik,...jk,...ijk->...ij", a_sub, b_sub, decay)
+    diag = jnp.where(sub_visible, diag, 0.0)
+    eye_rows, eye_cols = _iota2(n_sub, n_sub)
+    eye = (eye_rows == eye_cols).astype(diag.dtype)
+    diag = (diag[..., :, :, None, :] * eye[:, None, :, None]).reshape(*lead, size, size)
+    scores = off + diag
+    return scores if same_segment is None else jnp.where(visible, scores, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """Per-chunk quantities of :func:`prepare` (``[B,H,N,...]``), inputs of the two later stages.
+
+    Attributes:
+      q_decayed: ``Q * e^G`` ``[..., C, K]``; scores: ``P`` ``[..., C, C]`` (see module docstring).
+      k_to_end: ``K * e^(G_C - G)`` ``[..., C, K]``; chunk_decay: ``e^(G_C)`` ``[...]``, ``[..., K]``
+        or None.
+      w: ``W`` ``[..., C, K]`` (delta rule) or None; values: ``U'`` (delta rule) or ``V``, ``[..., C, V]``.
+    """
+
+    q_decayed: jax.Array
+    scores: jax.Array
+    k_to_end: jax.Array
+    chunk_decay: jax.Array | None
+    w: jax.Array | None
+    values: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """Where the state restarts at zero inside chunks (packed documents), as masks.
+
+    Attributes:
+      same: ``[B,1,N,C,C]`` tokens i and j belong to the same segment.
+      continues: ``[B,1,N,C]`` no restart at or before the token in its chunk (it sees the chunk's
+        incoming state). reaches_end: ``[B,1,N,C]`` no restart after the token in its chunk (it
+        is part of the outgoing state).
+    """
+
+    same: jax.Array
+    continues: jax.Array
+    reaches_end: jax.Array
+
+
+def segments_from_resets(resets) -> Segments:
+    """``resets [B,1,N,C]`` bool (the state is zeroed before the token) -> :class:`Segments`."""
+    index = jnp.cumsum(resets.astype(jnp.int32), axis=-1)  # segment number within the chunk
+    return Segments(
+        same=index[..., :, None] == index[..., None, :],
+        continues=index == 0,
+        reaches_end=index == index[..., -1:],
+    )
+
+
+def restart_gates(gates: Gates, resets) -> Gates:
+    """Cumulative gates that restart at every reset: ``G'_i = G_i - G_(s-1)``, ``s`` i's segment start."""
+    if gates.empty:
+        return gates
+    position = jax.lax.broadcasted_iota(jnp.int32, resets.shape, resets.ndim - 1)
+    start = jax.lax.cummax(jnp.where(resets, position, 0), axis=resets.ndim - 1)  # [B,1,N,C]
+    before = jnp.maximum(start - 1, 0)
+    has_base = start > 0
+    if gates.scalar is not None:
+        index = jnp.broadcast_to(before, gates.scalar.shape)
+        base = jnp.take_along_axis(gates.scalar, index, axis=-1)
+        return Gates(scalar=gates.scalar - jnp.where(has_base, base, 0.0))
+    index = jnp.broadcast_to(before[..., None], gates.channel.shape[:-1] + (1,))
+    index = jnp.broadcast_to(index, gates.channel.shape)
+    base = jnp.take_along_axis(gates.channel, index, axis=-2)
+    return Gates(channel=gates.channel - jnp.where(has_base[..., None], base, 0.0))
+
+
+def prepare(q, k, v, gates: Gates, beta, *, subchunk: int, segments: Segments | None = None) -> Prepared:
+    """Stage 1, independently per chunk. q, k ``[B,H,N,C,K]``, v ``[B,H,N,C,V]``, beta ``[B,H,N,C]``.
+
+    With ``segments`` the gates must restart at each segment (:func:`restart_gates`).
+    """
+    decay = gates.factor()
+    last = gates.last()
+    q_decayed = q if decay is None else q * decay
+    k_to_end = k if last is None else k * gates.factor_to_end()
+    same = None if segments is None else segments.same
+    scores = chunk_scores(q, k, gates, strict=False, subchunk=subchunk, same_segment=same)
+    chunk_decay = None if last is None else jnp.exp(last)
+    k_seen = k if decay is None else k * decay  # keys decayed back to the chunk start: read S0
+    if segments is not None:
+        q_decayed = jnp.where(segments.continues[..., None], q_decayed, 0.0)
+        k_to_end = jnp.where(segments.reaches_end[..., None], k_to_end, 0.0)
+        k_seen = jnp.where(segments.continues[..., None], k_seen, 0.0)
+        survives = segments.continues[..., -1]  # no restart in the chunk: S0 reaches its end
+        if chunk_decay is None:
+            chunk_decay = jnp.broadcast_to(survives, q.shape[:-2]).astype(q.dtype)
+        elif chunk_decay.ndim == survives.ndim:
+            chunk_decay = jnp.where(survives, chunk_decay, 0.0)
+        else:
+            chunk_decay = jnp.where(survives[..., None], chunk_decay, 0.0)
+    if beta is None:
+        return Prepared(q_decayed, scores, k_to_end, chunk_decay, None, v)
+    interactions = beta[..., None] * chunk_scores(k, k, gates, strict=True, subchunk=subchunk, same_segment=same)
+    inverse = blocked_unit_lower_inverse(interactions)
+    w = inverse @ (k_seen * beta[..., None])
+    values = inverse @ (v * beta[..., None])
+    return Prepared(q_decayed, scores, k_to_end, chunk_decay, w, values)
+
+
+def state_pass(prepared: Prepared, initial, resets=None):
+    """Stage 2: the state entering every chunk, sequentially over chunks.
+
+    Args:
+      prepared: from :func:`prepare`.
+      initial: ``[B,H,K,V]`` state before the first chunk, or with ``resets`` the per-sequence
+        initial states ``[S,H,K,V]`` (B == 1).
+      resets: None, or ``(sequence [N] int32, starts [N] bool)``: chunk ``n`` belongs to packed
+        sequence ``sequence[n]`` and, where ``starts[n]``, begins it with that sequence's state.
+
+    Returns ``(states [B,H,N,K,V] entering each chunk, writes U [B,H,N,C,V], final [B,H,K,V])``.
+    """
+    delta = prepared.w is not None
+    time_major = lambda x: None if x is None else jnp.moveaxis(x, 2, 0)  # noqa: E731
+    xs = tuple(time_major(x) for x in (prepared.k_to_end, prepared.chunk_decay, prepared.w, prepared.values))
+
+    def advance(state, k_to_end, chunk_decay, w, values):
+        writes = values - w @ state if delta else values
+        if chunk_decay is None:
+            decayed = state
+        elif chunk_decay.ndim == state.ndim - 2:
+            decayed = state * chunk_decay[..., None, None]
+        else:
+            decayed = state * chunk_decay[..., None]
+        return decayed + jnp.swapaxes(k_to_end, -1, -2) @ writes, writes
+
+    if resets is None:
+        def step(state, inputs):
+            new_state, writes = advance(state, *inputs)
+            return new_state, (state, writes if delta else None)
+
+        final, (states, writes) = jax.lax.scan(step, initial, xs)
+    else:
+        sequence, starts = resets
+
+        def step(state, inputs):
+            chunk_inputs, index, start = inputs
+            state = jnp.where(start, initial[index][None], state)
+            new_state, writes = advance(state, *chunk_inputs)
+            return new_state, (state, writes if delta else None)
+
+        final, (states, writes) = jax.lax.scan(step, initial[:1], (xs, sequence, starts))
+    states = jnp.moveaxis(states, 0, 2)
+    writes = prepared.values if writes is None else jnp.moveaxis(writes, 0, 2)
+    return states, writes, final
+
+
+def outputs(prepared: Prepared, states, writes, scale: float):
+    """Stage 3: ``O = scale * ((Q e^G) S0 + P U)`` per chunk, ``[B,H,N,C,V]``."""
+    return scale * (prepared.q_decayed @ states + prepared.scores @ writes)
+
+
+def chunk_end_states(prepared: Prepared, states, writes):
+    """The state after each chunk, ``[B,H,N,K,V]`` (recomputed from the state entering it)."""
+    decay = prepared.chunk_decay
+    if decay is None:
+        decayed = states
+    elif decay.ndim == states.ndim - 2:
+        decayed = states * decay[..., None, None]
+    else:
+        decayed = states * decay[..., None]
+    return decayed + jnp.swapaxes(prepared.k_to_end, -1, -2) @ writes
