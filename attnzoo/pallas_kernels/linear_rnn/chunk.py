@@ -14,9 +14,8 @@ matmuls:
 Only the last two lines and ``U = U' - W S0`` involve the state, so a chunk splits into three
 stages (as in fla): :func:`prepare` (per chunk, parallel), :func:`state_pass` (sequential over
 chunks) and :func:`outputs` (parallel). Every exponent above is <= 0 when the log-decays are <= 0,
-so nothing overflows: a per-channel ``P``/``A`` is built from sub-chunks of ``c`` tokens, off-
-diagonal sub-chunk blocks as matmuls of factors rescaled to the end of the previous sub-chunk and
-diagonal blocks exactly, elementwise.
+so nothing overflows: a per-channel ``P``/``A`` is built by recursive halving, each block's
+lower-left quarter a matmul of factors rescaled to the block's middle (see :func:`chunk_scores`).
 
 Arrays here are chunk-major and head-major: ``[B, H, N, C, ...]`` (``N`` chunks). Computation is
 in float32 (float64 for float64 inputs).
@@ -126,61 +125,66 @@ def blocked_unit_lower_inverse(a: jax.Array) -> jax.Array:
     return inverse[..., 0, :, :]
 
 
-def chunk_scores(a, b, gates: Gates, *, strict: bool, subchunk: int, same_segment=None):
-    """``P_ij = sum_c a_ic b_jc e^(G_ic - G_jc)`` for ``j <= i`` (``j < i`` if ``strict``), else 0.
+def chunk_scores(lefts, b, gates: Gates, *, stricts, same_segment=None):
+    """``P_ij = sum_c a_ic b_jc e^(G_ic - G_jc)`` for ``j <= i`` (``j < i`` if strict), else 0.
 
     Args:
-      a, b: ``[B,H,N,C,K]``. gates: cumulative log-decays of the chunk.
-      subchunk: sub-chunk size for per-channel gates (divides ``C``).
+      lefts: a tuple of ``a`` arrays ``[B,H,N,C,K]`` scored against the same ``b [B,H,N,C,K]``
+        (queries and keys share the decay factors). gates: cumulative log-decays of the chunk.
+      stricts: one bool per ``a``: exclude the diagonal.
       same_segment: ``[B,1,N,C,C]`` bool or None; pairs in different segments are 0. Gates then
         restart at segment starts, so rescaling exponents across a start may be positive: they
         are clamped to 0, which only touches pairs the mask removes.
 
-    Returns ``[B,H,N,C,C]``.
+    Returns a tuple of ``[B,H,N,C,C]``, one per ``a``.
+
+    Per-channel gates, by recursive halving: in a block of ``s`` tokens the pairs (second half,
+    first half) form one matmul of ``a_i e^(G_i - G_r)`` and ``b_j e^(G_r - G_j)``, ``r`` the
+    block's middle, both factors at most 1; the two halves recurse, down to the diagonal. All
+    blocks of one size are batched, ``log2(C)`` rounds in all.
     """
-    size = a.shape[-2]
+    size = b.shape[-2]
     rows, cols = _iota2(size, size)
-    visible = rows > cols if strict else rows >= cols
+    visibles = [rows > cols if strict else rows >= cols for strict in stricts]
     if same_segment is not None:
-        visible = visible & same_segment
-    clamp = (lambda x: jnp.minimum(x, 0.0)) if same_segment is not None else (lambda x: x)  # noqa: E731
+        visibles = [visible & same_segment for visible in visibles]
     if gates.channel is None:
-        scores = jnp.einsum("...ik,...jk->...ij", a, b)
+        decay = None
         if gates.scalar is not None:
             gap = gates.scalar[..., :, None] - gates.scalar[..., None, :]
-            scores = scores * jnp.exp(jnp.where(visible, gap, 0.0))
-        return jnp.where(visible, scores, 0.0)
+            decay = jnp.exp(jnp.where(rows >= cols, jnp.minimum(gap, 0.0) if same_segment is not None else gap, 0.0))
+        outs = []
+        for a, visible in zip(lefts, visibles):
+            scores = jnp.einsum("...ik,...jk->...ij", a, b)
+            outs.append(jnp.where(visible, scores if decay is None else scores * decay, 0.0))
+        return tuple(outs)
 
+    clamp = (lambda x: jnp.minimum(x, 0.0)) if same_segment is not None else (lambda x: x)  # noqa: E731
     gamma = gates.channel
-    n_sub = size // subchunk
-    lead = gamma.shape[:-2]
-    key_dim = gamma.shape[-1]
-    split = lambda x: x.reshape(*lead, n_sub, subchunk, key_dim)  # noqa: E731
-    a_sub, b_sub, gamma_sub = split(a), split(b), split(gamma)
-    # Off-diagonal sub-chunk blocks: rows of sub-chunk I against every earlier token, both factors
-    # rescaled to G at the end of sub-chunk I-1 (0 for I = 0, which has no earlier tokens).
-    reference = jnp.concatenate(
-        [jnp.zeros_like(gamma_sub[..., :1, -1, :]), gamma_sub[..., :-1, -1, :]], axis=-2
-    )  # [..., n_sub, K]
-    sub_index, position = _iota2(n_sub, size)
-    earlier = position < sub_index * subchunk  # [n_sub, C]: token before sub-chunk I
-    a_scaled = a_sub * jnp.exp(clamp(gamma_sub - reference[..., None, :]))
-    b_gap = jnp.where(earlier[:, :, None], clamp(reference[..., :, None, :] - gamma[..., None, :, :]), 0.0)
-    b_scaled = b[..., None, :, :] * jnp.exp(b_gap)  # [..., n_sub, C, K]
-    off = jnp.einsum("...nik,...njk->...nij", a_scaled, b_scaled)
-    off = jnp.where(earlier[:, None, :], off, 0.0).reshape(*lead, size, size)
-    # Diagonal blocks, exactly.
-    sub_rows, sub_cols = _iota2(subchunk, subchunk)
-    sub_visible = sub_rows > sub_cols if strict else sub_rows >= sub_cols
-    gap = gamma_sub[..., :, None, :] - gamma_sub[..., None, :, :]
-    decay = jnp.exp(jnp.where(sub_visible[..., None], gap, 0.0))
-    diag = jnp.einsum("...ik,...jk,...ijk->...ij", a_sub, b_sub, decay)
-    diag = jnp.where(sub_visible, diag, 0.0)
-    eye_rows, eye_cols = _iota2(n_sub, n_sub)
-    eye = (eye_rows == eye_cols).astype(diag.dtype)
-    diag = (diag[..., :, :, None, :] * eye[:, None, :, None]).reshape(*lead, size, size)
-    scores = off + diag
-    return scores if same_segment is None else jnp.where(visible, scores, 0.0)
+    lead, key_dim = b.shape[:-2], b.shape[-1]
+    results = [
+        (jnp.zeros_like(a[..., 0]) if strict else jnp.sum(a * b, axis=-1))[..., None, None]
+        for a, strict in zip(lefts, stricts)
+    ]  # [..., C, 1, 1]: the 1 x 1 diagonal blocks
+    block = 2
+    while block <= size:
+        count, half = size // block, block // 2
+        split = lambda x: x.reshape(*lead, count, block, key_dim)  # noqa: E731, B023
+        gamma_blocks, b_blocks = split(gamma), split(b)
+        middle = gamma_blocks[..., half - 1 : half, :]
+        to_middle = jnp.exp(clamp(gamma_blocks[..., half:, :] - middle))
+        b_from_middle = b_blocks[..., :half, :] * jnp.exp(clamp(middle - gamma_blocks[..., :half, :]))
+        for index, a in enumerate(lefts):
+            lower = jnp.einsum("...ik,...jk->...ij", split(a)[..., half:, :] * to_middle, b_from_middle)
+            both = results[index].reshape(*lead, count, 2, half, half)
+            first, second = both[..., 0, :, :], both[..., 1, :, :]
+            top = jnp.concatenate([first, jnp.zeros_like(first)], axis=-1)
+            results[index] = jnp.concatenate([top, jnp.concatenate([lower, second], axis=-1)], axis=-2)
+        block *= 2
+    outs = tuple(result[..., 0, :, :] for result in results)
+    if same_segment is None:
+        return outs
+    return tuple(jnp.where(visible, out, 0.0) for out, visible in zip(outs, visibles))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +250,7 @@ def restart_gates(gates: Gates, resets) -> Gates:
     return Gates(channel=gates.channel - jnp.where(has_base[..., None], base, 0.0))
 
 
-def prepare(q, k, v, gates: Gates, beta, *, subchunk: int, segments: Segments | None = None) -> Prepared:
+def prepare(q, k, v, gates: Gates, beta, *, segments: Segments | None = None) -> Prepared:
     """Stage 1, independently per chunk. q, k ``[B,H,N,C,K]``, v ``[B,H,N,C,V]``, beta ``[B,H,N,C]``.
 
     With ``segments`` the gates must restart at each segment (:func:`restart_gates`).
@@ -256,7 +260,10 @@ def prepare(q, k, v, gates: Gates, beta, *, subchunk: int, segments: Segments | 
     q_decayed = q if decay is None else q * decay
     k_to_end = k if last is None else k * gates.factor_to_end()
     same = None if segments is None else segments.same
-    scores = chunk_scores(q, k, gates, strict=False, subchunk=subchunk, same_segment=same)
+    if beta is None:
+        (scores,) = chunk_scores((q,), k, gates, stricts=(False,), same_segment=same)
+    else:
+        scores, interactions = chunk_scores((q, k), k, gates, stricts=(False, True), same_segment=same)
     chunk_decay = None if last is None else jnp.exp(last)
     k_seen = k if decay is None else k * decay  # keys decayed back to the chunk start: read S0
     if segments is not None:
@@ -272,8 +279,7 @@ def prepare(q, k, v, gates: Gates, beta, *, subchunk: int, segments: Segments | 
             chunk_decay = jnp.where(survives[..., None], chunk_decay, 0.0)
     if beta is None:
         return Prepared(q_decayed, scores, k_to_end, chunk_decay, None, v)
-    interactions = beta[..., None] * chunk_scores(k, k, gates, strict=True, subchunk=subchunk, same_segment=same)
-    inverse = blocked_unit_lower_inverse(interactions)
+    inverse = blocked_unit_lower_inverse(beta[..., None] * interactions)
     w = inverse @ (k_seen * beta[..., None])
     values = inverse @ (v * beta[..., None])
     return Prepared(q_decayed, scores, k_to_end, chunk_decay, w, values)

@@ -84,21 +84,19 @@ def from_chunks(x):
 def chunked_recurrence(
     q, k, v, *, g=None, gk=None, beta=None, scale: float, initial_state=None,
     output_final_state: bool = False, cu_seqlens=None, segment_ids=None, chunk_size: int = 64,
-    subchunk_size: int = 16,
 ):
     """The recurrence of :mod:`attnzoo.pallas_kernels.linear_rnn.reference`, computed by chunks.
 
     Arguments as in ``reference.recurrence`` (already validated; ``segment_ids`` restarts the
-    state inside chunks by masks, see :class:`chunk.Segments`), plus ``chunk_size`` and
-    ``subchunk_size`` (powers of two; the chunk shrinks for short inputs). Returns
+    state inside chunks by masks, see :class:`chunk.Segments`), plus ``chunk_size`` (a power
+    of two; the chunk shrinks to the next power of two of a shorter T). Returns
     ``(o [B,T,H,V] in v's dtype, final state [N,H,K,V] or None)``.
     """
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     out_dtype = v.dtype
     dtype = jnp.promote_types(jnp.result_type(q, k, v), jnp.float32)
-    chunk = min(chunk_size, max(subchunk_size, 1 << max(length - 1, 0).bit_length()))
-    subchunk = min(subchunk_size, chunk)
+    chunk = min(chunk_size, 1 << max(length - 1, 0).bit_length())
     inputs = [x if x is None else x.astype(dtype) for x in (q, k, v, g, gk, beta)]
 
     layout = None
@@ -132,7 +130,7 @@ def chunked_recurrence(
         resets = to_chunks(resets, chunk)  # [B, 1, N, C]
         gates = _chunk.restart_gates(gates, resets)
         segments = _chunk.segments_from_resets(resets)
-    prepared = _chunk.prepare(q, k, v, gates, beta, subchunk=subchunk, segments=segments)
+    prepared = _chunk.prepare(q, k, v, gates, beta, segments=segments)
 
     sequences = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     initial = (
