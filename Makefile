@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train demo test bench-attention env clean
+.PHONY: train demo test bench-attention bench-recurrent env clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
@@ -25,6 +25,9 @@ test: env
 
 bench-attention: env
 	$(PY) benchmarks/attention.py $(BENCH_ARGS)
+
+bench-recurrent: env
+	$(PY) benchmarks/recurrent.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -43,19 +43,30 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402  (benchmarks/common.py)
+    GIB,
+    fmt_mib,
+    interleaved_times,
+    jax_dtype,
+    load_average,
+    memory_bytes,
+    peak_rss_delta,
+    print_rss_worker_result,
+    rel_rms,
+    rss_from_worker,
+    sample_positions,
+)
+
 ALL_IMPLS = ("reference", "xla", "jax_nn", "torch")
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
-MIB = 1 << 20
-GIB = 1 << 30
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,14 +78,6 @@ def make_inputs(batch, length, heads, head_dim, seed=0):
     rng = np.random.default_rng(seed + length)
     shape = (batch, length, heads, head_dim)
     return tuple(rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
-
-
-def sample_positions(length, count, seed):
-    """Sorted distinct positions: both ends plus a spread of random ones."""
-    rng = np.random.default_rng(seed)
-    picks = {0, length - 1, length // 2}
-    picks.update(rng.integers(0, length, size=count).tolist())
-    return np.array(sorted(picks))
 
 
 def oracle(q, k, v, ct, *, causal, scale, rows, cols, block=1024):
@@ -127,12 +130,6 @@ def oracle(q, k, v, ct, *, causal, scale, rows, cols, block=1024):
     return {"out": to_bthd(out_rows), "dq": to_bthd(dq), "dk": to_bthd(dk), "dv": to_bthd(dv)}
 
 
-def rel_rms(x, ref):
-    x = np.asarray(x, np.float64)
-    ref = np.asarray(ref, np.float64)
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-300))
-
-
 # --------------------------------------------------------------------------------------------
 # implementations: each is built into a callable ``run() -> (out, dq, dk, dv)`` on fixed inputs
 
@@ -145,12 +142,6 @@ def torch_available():
     return True
 
 
-def _jax_dtype(name):
-    import jax.numpy as jnp
-
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
 def build_jax(impl, inputs, args):
     """Returns ``(run, compiled)`` for a JAX implementation; ``run()`` blocks until done."""
     import jax
@@ -158,7 +149,7 @@ def build_jax(impl, inputs, args):
 
     from attnzoo import pallas_kernels as pk
 
-    dtype = _jax_dtype(args.dtype)
+    dtype = jax_dtype(args.dtype)
     q, k, v, ct = (jnp.asarray(x, dtype) for x in inputs)
     ct = ct.astype(jnp.float32)
     block_sizes = xla_block_sizes(args) if impl == "xla" else None
@@ -213,31 +204,8 @@ def xla_block_sizes(args):
     return pk.XlaBlockSizes(*(int(x) for x in args.xla_block_sizes.split(",")))
 
 
-def memory_bytes(compiled):
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return None
-    return stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
-
-
 # --------------------------------------------------------------------------------------------
 # peak RSS of one call, in a fresh process
-
-
-def _load_average():
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[0]
-    except OSError:
-        return "n/a"
-
-
-def _proc_status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def rss_worker(args):
@@ -249,11 +217,7 @@ def rss_worker(args):
     else:
         run, _ = build_jax(args.rss_worker, inputs, args)
     del inputs
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    before = _proc_status("VmRSS")
-    run()
-    print(json.dumps({"rss_delta": _proc_status("VmHWM") - before}))
+    print_rss_worker_result(peak_rss_delta(run))
 
 
 def measure_rss(impl, length, args):
@@ -265,15 +229,7 @@ def measure_rss(impl, length, args):
     ]
     if args.xla_block_sizes:
         cmd += ["--xla-block-sizes", args.xla_block_sizes]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except subprocess.TimeoutExpired:
-        return None
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)["rss_delta"]
-    sys.stderr.write(f"RSS worker for {impl} at T={length} failed:\n{proc.stderr[-2000:]}\n")
-    return None
+    return rss_from_worker(cmd, f"{impl} at T={length}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,13 +243,13 @@ def benchmark_length(length, impls, args, log):
     if args.dtype != "float32":  # the oracle sees exactly the values the implementations see
         import jax.numpy as jnp
 
-        inputs = tuple(np.asarray(jnp.asarray(x, _jax_dtype(args.dtype)).astype(jnp.float32)) for x in inputs[:3]) + (inputs[3],)
+        inputs = tuple(np.asarray(jnp.asarray(x, jax_dtype(args.dtype)).astype(jnp.float32)) for x in inputs[:3]) + (inputs[3],)
     rows = sample_positions(length, args.check_samples, args.seed + 1)
     cols = sample_positions(length, args.check_samples, args.seed + 2)
     t0 = time.perf_counter()
     expected = oracle(*inputs, causal=args.causal, scale=args.head_dim**-0.5, rows=rows, cols=cols)
     log(f"T={length}: float64 oracle on {rows.size} rows / {cols.size} columns in {time.perf_counter() - t0:.1f} s")
-    tol = testing.tolerance(_jax_dtype(args.dtype))
+    tol = testing.tolerance(jax_dtype(args.dtype))
     results = {}
     runners = {}
     for impl in impls:
@@ -331,16 +287,10 @@ def benchmark_length(length, impls, args, log):
         runners[impl] = run
         log(f"T={length} {impl}: check ok (max rel. RMS error {entry['max_err']:.1e}), first call {entry['first_call_s']:.2f} s")
 
-    order = list(runners)
     # Fewer rounds where one round is long (the materialised paths at large T), never below 3.
-    round_s = sum(results[impl]["first_call_s"] for impl in order)
-    rounds = args.repeats if round_s * args.repeats <= args.time_budget else max(min(args.repeats, 3), int(args.time_budget / max(round_s, 1e-9)))
-    for repeat in range(rounds):
-        shift = repeat % max(len(order), 1)
-        for impl in order[shift:] + order[:shift]:
-            t0 = time.perf_counter()
-            runners[impl]()
-            results[impl]["times"].append(time.perf_counter() - t0)
+    first_call_s = {impl: results[impl]["first_call_s"] for impl in runners}
+    for impl, times in interleaved_times(runners, first_call_s, args.repeats, args.time_budget).items():
+        results[impl]["times"].extend(times)
     runners.clear()
     for impl, entry in results.items():
         if entry["times"]:
@@ -351,10 +301,6 @@ def benchmark_length(length, impls, args, log):
             if entry["status"] == "ok":
                 entry["rss_bytes"] = measure_rss(impl, length, args)
     return results
-
-
-def fmt_mib(x):
-    return "-" if x is None else f"{x / MIB:,.0f}"
 
 
 def table(all_results, impls):
@@ -461,11 +407,11 @@ def main(argv=None):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
     log(f"{command}\njax {jax.__version__}, devices {jax.devices()}, impls {impls}")
-    load_start = _load_average()
+    load_start = load_average()
     all_results = {}
     for length in args.lengths:
         all_results[length] = benchmark_length(length, impls, args, log)
-    load_end = _load_average()
+    load_end = load_average()
 
     versions = f"jax {jax.__version__}"
     if "torch" in impls:

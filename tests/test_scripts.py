@@ -1,5 +1,6 @@
-"""The README's demo and the attention benchmark run end to end (smallest size), so they never rot."""
+"""The README's demo and the attention and recurrent benchmarks run end to end (smallest size), so they never rot."""
 
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +28,17 @@ def test_attention_benchmark_smoke(tmp_path):
     result = run("benchmarks/attention.py", "--smoke", "--output", str(tmp_path / "table.md"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "FAIL" not in result.stdout and "| xla |" in result.stdout
+
+
+@pytest.mark.slow
+def test_recurrent_benchmark_smoke(tmp_path):
+    result = run("benchmarks/recurrent.py", "--smoke", "--output", str(tmp_path / "table.md"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "FAIL" not in result.stdout and "| gated_delta_rule |" in result.stdout and "Crossover" in result.stdout
+    records = json.loads((tmp_path / "table.json").read_text())
+    assert len(records) == 1 and set(records[0]["results"]["256"]) == {
+        "attention", "linear_attention", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "kda"
+    }
 
 
 def train_cli(workdir, config, *overrides, data_dir):

@@ -1,0 +1,587 @@
+"""Linear-attention / delta-rule ops against causal softmax attention on CPU, forward + backward.
+
+For every sequence length T it times ``jax.jit(jax.grad(loss))`` (loss = ``sum(out * ct)`` with a
+fixed random cotangent ``ct``, gradients w.r.t. every differentiable input: q, k, v, the gates g
+and beta) and reports memory, for the ``impl="xla"`` path (the chunkwise-parallel engine) of
+
+* ``linear_attention``, ``simple_gla``, ``gla``, ``delta_rule``, ``gated_delta_rule``, ``kda``
+  (``attnzoo.pallas_kernels``; ``chunk_size`` from ``--chunk-size``), against
+* ``attention``: ``pk.attention(q, k, v, causal=True, impl="xla")``, blockwise online softmax
+  (O(T) memory, O(T^2) time).
+
+Inputs: q, k, v standard normal ``[B, T, H, K|V]`` (the same draws for every op at a given T);
+for the delta-rule ops (``delta_rule``, ``gated_delta_rule``, ``kda``) the keys are L2-normalised
+and ``beta ~ U(0.05, 0.95)`` ``[B, T, H]``, as their layers do; log-decays ``g = -U(0.01, 0.5)``,
+``[B, T, H]`` for ``simple_gla`` / ``gated_delta_rule`` and ``[B, T, H, K]`` for ``gla`` / ``kda``.
+
+Method
+------
+* Correctness first, at every T, against a float64 oracle computed on exactly the values the
+  timed function sees (``jax_enable_x64`` on, inputs cast to float64); relative RMS error per
+  array, tolerance ``attnzoo.pallas_kernels.testing.tolerance(dtype)``; beyond it the op prints
+  FAIL instead of a time (and the script exits with status 1).
+  - Recurrent ops: the oracle is the op's own ``impl="reference"`` (the token-by-token
+    ``lax.scan``). Its forward is O(T) in time and memory (about 0.5 s at T=16384 in float64), so
+    the **whole output** ``o`` is compared at every T. Its gradient keeps a state per token
+    (about 0.5 GiB per 1024 tokens at B=1, H=4, K=V=64 in float64), so the gradients of every
+    input (dq, dk, dv, dg, dbeta) are compared only for T <= ``--grad-check-max-t`` (default
+    2048). Above it only ``o`` is checked: the ``xla`` path's backward is JAX autodiff of the same
+    chunked forward (the code does not change with T, only the number of chunks), so a full-length
+    forward check plus full gradient checks at the smaller lengths cover it.
+  - Attention: for T <= ``--grad-check-max-t`` against ``pk.attention(..., impl="reference")`` in
+    float64 (materialised scores), output and dq/dk/dv; above it the output on
+    ``--check-samples`` sampled query rows (both ends, the middle and random ones) against a
+    float64 numpy softmax over those rows' full causal prefixes (O(rows x T)).
+  The table's "checked" column says which was done.
+* Time: after compile and one warm-up call (the correctness check), ``--repeats`` calls per op,
+  interleaved (every round runs each op once, in rotating order) so the machine's noise is
+  shared; the median is reported. Rounds are cut to fit ``--time-budget``, never below 3.
+* Memory, two numbers (as in ``benchmarks/attention.py``):
+  - "XLA MiB": ``compiled.memory_analysis()`` temp + argument + output bytes of the jitted
+    gradient function. On CPU the temp size is a lower bound (YNNPACK scratch is not counted).
+  - "RSS MiB": peak resident-set increase of one call, measured in a fresh subprocess per
+    (T, op): inputs are created and the function compiled, then the kernel's peak-RSS counter is
+    reset (``/proc/self/clear_refs``), one call runs, and ``VmHWM - VmRSS(before)`` is reported.
+* An op whose XLA estimate exceeds ``--mem-limit-gib`` is not run and prints ``OOM (est. X GiB)``.
+
+After the tables: per op the crossover length, the smallest measured T from which the op is
+faster than causal softmax attention at every larger measured T; then the targets: at T=16384
+``gated_delta_rule`` at least 5x faster than attention, and its memory growing linearly in T
+(the ratio of memory between successive measured T against the ratio of the lengths).
+
+``--smoke`` runs a tiny configuration (T=128,256, H=2, K=V=32, 1 round, RSS of attention and
+gated_delta_rule at T=256 only) for CI; nothing there is asserted on time.
+
+Example::
+
+    python benchmarks/recurrent.py --output benchmarks/results/recurrent.md   # T = 512 .. 16384
+    python benchmarks/recurrent.py --lengths 512,1024 --ops gated_delta_rule,kda
+    python benchmarks/recurrent.py --smoke
+
+``--output X.md`` appends the Markdown report to ``X.md`` and the full results (every timed run,
+errors, memory, machine, command, date) to the list in ``X.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402  (benchmarks/common.py)
+    GIB,
+    MIB,
+    cpu_model,
+    fmt_mib,
+    interleaved_times,
+    jax_dtype,
+    load_average,
+    memory_bytes,
+    peak_rss_delta,
+    print_rss_worker_result,
+    rel_rms,
+    rss_from_worker,
+    sample_positions,
+)
+
+# op -> (gate: None | "scalar" [B,T,H] | "channel" [B,T,H,K], uses beta)
+RECURRENT_OPS = {
+    "linear_attention": (None, False),
+    "simple_gla": ("scalar", False),
+    "gla": ("channel", False),
+    "delta_rule": (None, True),
+    "gated_delta_rule": ("scalar", True),
+    "kda": ("channel", True),
+}
+BASELINE = "attention"
+DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+TARGET_OP, TARGET_LENGTH, TARGET_SPEEDUP = "gated_delta_rule", 16384, 5.0
+LINEAR_SLACK = 1.25  # memory "grows linearly" while each step's ratio is <= 1.25 x the length ratio
+SMOKE_RSS_OPS = (BASELINE, TARGET_OP)
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+def make_inputs(args, length):
+    """float32 numpy arrays, the same draws for every op: q, k, k_unit (L2-normalised), v, ct,
+    g_scalar, g_channel, beta."""
+    rng = np.random.default_rng(args.seed + length)
+    b, h, dk, dv = args.batch, args.heads, args.key_dim, args.value_dim
+    q = rng.standard_normal((b, length, h, dk), dtype=np.float32)
+    k = rng.standard_normal((b, length, h, dk), dtype=np.float32)
+    v = rng.standard_normal((b, length, h, dv), dtype=np.float32)
+    ct = rng.standard_normal((b, length, h, dv), dtype=np.float32)
+    inputs = {
+        "q": q, "k": k, "k_unit": k / np.linalg.norm(k, axis=-1, keepdims=True), "v": v, "ct": ct,
+        "g_scalar": -rng.uniform(0.01, 0.5, size=(b, length, h)).astype(np.float32),
+        "g_channel": -rng.uniform(0.01, 0.5, size=(b, length, h, dk)).astype(np.float32),
+        "beta": rng.uniform(0.05, 0.95, size=(b, length, h)).astype(np.float32),
+    }
+    if args.dtype != "float32":  # the oracle sees exactly the values the ops see
+        import jax.numpy as jnp
+
+        dtype = jax_dtype(args.dtype)
+        inputs = {n: x if n == "ct" else np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for n, x in inputs.items()}
+    return inputs
+
+
+def op_arguments(op, inputs):
+    """``(names, arrays)``: the op's positional differentiable inputs."""
+    if op == BASELINE:
+        return ["q", "k", "v"], [inputs["q"], inputs["k"], inputs["v"]]
+    gate, beta = RECURRENT_OPS[op]
+    names, arrays = ["q", "k", "v"], [inputs["q"], inputs["k_unit"] if beta else inputs["k"], inputs["v"]]
+    if gate:
+        names.append("g")
+        arrays.append(inputs["g_scalar"] if gate == "scalar" else inputs["g_channel"])
+    if beta:
+        names.append("beta")
+        arrays.append(inputs["beta"])
+    return names, arrays
+
+
+def forward_fn(op, impl, chunk_size):
+    from attnzoo import pallas_kernels as pk
+
+    if op == BASELINE:
+        return lambda q, k, v: pk.attention(q, k, v, causal=True, impl=impl)
+    fn = getattr(pk, op)
+    return lambda *xs: fn(*xs, chunk_size=chunk_size, impl=impl)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# the timed function and the oracle
+
+
+def build(op, inputs, args):
+    """``(run, compiled)``: ``run()`` is one forward + backward of the ``xla`` path, blocking,
+    returning ``(out, grads)``."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jax_dtype(args.dtype)
+    _, arrays = op_arguments(op, inputs)
+    xs = [jnp.asarray(x, dtype) for x in arrays]
+    ct = jnp.asarray(inputs["ct"], jnp.float32)
+    forward = forward_fn(op, "xla", args.chunk_size)
+
+    def loss(*xs_ct):
+        out = forward(*xs_ct[:-1])
+        return jnp.sum(out.astype(jnp.float32) * xs_ct[-1]), out
+
+    grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(xs))), has_aux=True))
+    compiled = grad.lower(*xs, ct).compile()
+
+    def run():
+        grads, out = compiled(*xs, ct)
+        return jax.block_until_ready((out, grads))
+
+    return run, compiled
+
+
+def attention_rows_float64(q, k, v, rows):
+    """Causal softmax attention output of query ``rows`` in float64 numpy, ``[B, |rows|, H, V]``."""
+    q, k, v = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, T, D]
+    s = np.einsum("bhqd,bhkd->bhqk", q[:, :, rows], k) * q.shape[-1] ** -0.5
+    s = np.where(np.arange(k.shape[2])[None, :] <= rows[:, None], s, -np.inf)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    out = np.einsum("bhqk,bhkd->bhqd", p / p.sum(axis=-1, keepdims=True), v)
+    return out.transpose(0, 2, 1, 3)
+
+
+def oracle(op, inputs, args, length):
+    """float64 expectations ``{name: array}``, a selector ``got -> {name: array}`` picking the same
+    entries from the ``xla`` path's ``(out, grads)``, and a description of what is checked."""
+    import jax
+    import jax.numpy as jnp
+
+    from attnzoo.pallas_kernels.testing import float64
+
+    names, arrays = op_arguments(op, inputs)
+    if length <= args.grad_check_max_t:  # output and every gradient, against impl="reference"
+        with float64():
+            xs = [np.asarray(x, np.float64) for x in arrays]
+            ct = np.asarray(inputs["ct"], np.float64)
+            forward = forward_fn(op, "reference", args.chunk_size)
+
+            def loss(*xs):
+                out = forward(*xs)
+                return jnp.sum(out * ct), out
+
+            grads, out = jax.jit(jax.grad(loss, argnums=tuple(range(len(xs))), has_aux=True))(*xs)
+            expected = {"out": np.asarray(out)} | {f"d{n}": np.asarray(g) for n, g in zip(names, grads)}
+
+        def select(got):
+            out, grads = got
+            return {"out": out} | {f"d{n}": g for n, g in zip(names, grads)}
+
+        return expected, select, "out+grads vs reference"
+    if op == BASELINE:  # sampled rows of the output, float64 numpy
+        rows = sample_positions(length, args.check_samples, args.seed + 1)
+        expected = {"out": attention_rows_float64(*arrays, rows)}
+        return expected, lambda got: {"out": np.asarray(got[0])[:, rows]}, f"out on {rows.size} rows (f64 numpy)"
+    with float64():  # the whole output, against impl="reference"
+        out = jax.jit(forward_fn(op, "reference", args.chunk_size))(*(np.asarray(x, np.float64) for x in arrays))
+        expected = {"out": np.asarray(out)}
+    return expected, lambda got: {"out": got[0]}, "out vs reference"
+
+
+# --------------------------------------------------------------------------------------------
+# peak RSS of one call, in a fresh process
+
+
+def rss_worker(args):
+    """Run inside the subprocess: prints ``{"rss_delta": bytes}`` for one call of one op."""
+    inputs = make_inputs(args, args.lengths[0])
+    run, compiled = build(args.rss_worker, inputs, args)
+    del inputs, compiled
+    print_rss_worker_result(peak_rss_delta(run))
+
+
+def measure_rss(op, length, args):
+    cmd = [
+        sys.executable, os.path.abspath(__file__), "--rss-worker", op, "--lengths", str(length),
+        "--batch", str(args.batch), "--heads", str(args.heads), "--key-dim", str(args.key_dim),
+        "--value-dim", str(args.value_dim), "--dtype", args.dtype, "--seed", str(args.seed),
+        "--chunk-size", str(args.chunk_size),
+    ]
+    return rss_from_worker(cmd, f"{op} at T={length}")
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def benchmark_length(length, ops, args, log):
+    from attnzoo.pallas_kernels import testing
+
+    inputs = make_inputs(args, length)
+    tol = testing.tolerance(jax_dtype(args.dtype))
+    results = {}
+    runners = {}
+    for op in ops:
+        entry = results[op] = {"status": "ok", "xla_bytes": None, "rss_bytes": None, "times": []}
+        try:
+            t0 = time.perf_counter()
+            expected, select, entry["checked"] = oracle(op, inputs, args, length)
+            oracle_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            run, compiled = build(op, inputs, args)
+            entry["compile_s"] = time.perf_counter() - t0
+            entry["xla_bytes"] = memory_bytes(compiled)
+            del compiled
+            if entry["xla_bytes"] is not None and entry["xla_bytes"] > args.mem_limit_gib * GIB:
+                entry["status"] = f"OOM (est. {entry['xla_bytes'] / GIB:.1f} GiB)"
+                log(f"T={length} {op}: skipped, XLA estimate {entry['xla_bytes'] / GIB:.1f} GiB > --mem-limit-gib {args.mem_limit_gib}")
+                continue
+            t0 = time.perf_counter()
+            got = run()  # warm-up and the correctness check
+            entry["first_call_s"] = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            entry["status"] = f"ERROR ({type(e).__name__})"
+            log(f"T={length} {op}: {type(e).__name__}: {e}")
+            continue
+        got = select(got)
+        entry["errors"] = {name: rel_rms(got[name], expected[name]) for name in expected}
+        del got, expected
+        entry["max_err"] = max(entry["errors"].values())
+        if not all(np.isfinite(e) and e <= tol for e in entry["errors"].values()):
+            entry["status"] = "FAIL"
+            log(f"T={length} {op}: FAIL ({entry['checked']}), rel. RMS errors {entry['errors']} (tolerance {tol:g})")
+            continue
+        runners[op] = run
+        log(f"T={length} {op}: check ok ({entry['checked']}, max rel. RMS error {entry['max_err']:.1e}); oracle "
+            f"{oracle_s:.1f} s, compile {entry['compile_s']:.1f} s, first call {entry['first_call_s']:.2f} s")
+
+    first_call_s = {op: results[op]["first_call_s"] for op in runners}
+    for op, times in interleaved_times(runners, first_call_s, args.repeats, args.time_budget).items():
+        results[op]["times"].extend(times)
+    runners.clear()
+    for op, entry in results.items():
+        if entry["times"]:
+            entry["time_ms"] = float(np.median(entry["times"])) * 1e3
+            log(f"T={length} {op}: {entry['time_ms']:.1f} ms (runs: {', '.join(f'{t * 1e3:.1f}' for t in entry['times'])})")
+    if args.rss and (not args.smoke or length == args.lengths[-1]):
+        for op, entry in results.items():
+            if entry["status"] == "ok" and (not args.smoke or op in SMOKE_RSS_OPS):
+                entry["rss_bytes"] = measure_rss(op, length, args)
+    return results
+
+
+def speedup(results, op):
+    """attention time / op time at one T, or None."""
+    base, entry = results.get(BASELINE, {}), results.get(op, {})
+    if "time_ms" in base and "time_ms" in entry:
+        return base["time_ms"] / entry["time_ms"]
+    return None
+
+
+def tables(all_results, ops):
+    out = []
+    for length, results in all_results.items():
+        out += [
+            f"#### T = {length}",
+            "",
+            "| op | time (ms) | speed-up vs attention | XLA MiB | peak RSS MiB | max rel err | checked |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for op in ops:
+            e = results.get(op)
+            if e is None:
+                continue
+            time_s = f"{e['time_ms']:,.1f}" if "time_ms" in e else e["status"]
+            s = speedup(results, op)
+            err = f"{e['max_err']:.1e}" if "max_err" in e else "-"
+            out.append(
+                f"| {op} | {time_s} | {'-' if s is None else f'{s:.2f}'} | {fmt_mib(e['xla_bytes'])} | "
+                f"{fmt_mib(e['rss_bytes'])} | {err} | {e.get('checked', '-')} |"
+            )
+        out.append("")
+    return out
+
+
+def faster_than_attention(results, op):
+    entry, base = results.get(op, {}), results.get(BASELINE, {})
+    if "time_ms" not in entry:
+        return False
+    if "time_ms" not in base:  # attention did not run: faster only if it ran out of memory
+        return base.get("status", "").startswith("OOM")
+    return entry["time_ms"] < base["time_ms"]
+
+
+def crossovers(all_results, ops):
+    """``{op: T or None}``: the smallest measured T from which the op beats attention at every
+    larger measured T."""
+    lengths = list(all_results)
+    found = {}
+    for op in ops:
+        if op == BASELINE:
+            continue
+        cross = None
+        for length in reversed(lengths):
+            if not faster_than_attention(all_results[length], op):
+                break
+            cross = length
+        found[op] = cross
+    return found
+
+
+def crossover_lines(all_results, ops):
+    lengths = list(all_results)
+    last = lengths[-1]
+    lines = []
+    for op, cross in crossovers(all_results, ops).items():
+        s = speedup(all_results[last], op)
+        at_last = f"speed-up {s:.2f} at T={last}" if s is not None else f"{all_results[last][op]['status']} at T={last}"
+        if cross is None:
+            lines.append(f"{op}: none up to T={last} ({at_last})")
+        elif cross == lengths[0]:
+            lines.append(f"{op}: T={cross}, faster at every measured T ({at_last})")
+        else:
+            lines.append(f"{op}: T={cross} ({at_last})")
+    return lines
+
+
+def memory_growth(all_results, op, key):
+    """``[(T_prev, T, ratio)]`` of memory ``key`` between successive measured T (both known)."""
+    points = [(t, r[op][key]) for t, r in all_results.items() if r.get(op, {}).get(key)]
+    return [(t0, t1, m1 / m0) for (t0, m0), (t1, m1) in zip(points, points[1:])]
+
+
+def target_lines(all_results):
+    op = TARGET_OP
+    lines = []
+    if not any(op in r for r in all_results.values()):
+        return lines
+    if TARGET_LENGTH in all_results:
+        s = speedup(all_results[TARGET_LENGTH], op)
+        if s is None:
+            lines.append(f"T={TARGET_LENGTH}: {op} speed-up vs attention not measured "
+                         f"({op}: {all_results[TARGET_LENGTH][op]['status']}, attention: "
+                         f"{all_results[TARGET_LENGTH].get(BASELINE, {}).get('status', 'not run')}): NOT MET")
+        else:
+            verdict = "met" if s >= TARGET_SPEEDUP else "NOT MET"
+            lines.append(f"T={TARGET_LENGTH}: {op} is {s:.2f}x faster than causal softmax attention "
+                         f"(target >= {TARGET_SPEEDUP:g}x): {verdict}")
+    else:
+        last = list(all_results)[-1]
+        s = speedup(all_results[last], op)
+        lines.append(f"T={TARGET_LENGTH} not measured (target {op} >= {TARGET_SPEEDUP:g}x faster than attention); "
+                     f"at the largest measured T={last}: {'-' if s is None else f'{s:.2f}x'}")
+    for key, label in (("xla_bytes", "XLA MiB"), ("rss_bytes", "peak RSS MiB")):
+        steps = memory_growth(all_results, op, key)
+        if not steps:
+            continue
+        text = ", ".join(f"{t1}/{t0}: {ratio:.2f}" for t0, t1, ratio in steps)
+        linear = all(ratio <= LINEAR_SLACK * t1 / t0 for t0, t1, ratio in steps)
+        verdict = ("at most linear (each ratio <= %.2f x the length ratio)" % LINEAR_SLACK if linear
+                   else "NOT linear (a ratio exceeds %.2f x the length ratio)" % LINEAR_SLACK)
+        lines.append(f"{op} memory growth, {label}(T) / {label}(T_prev): {text}: {verdict}")
+    return lines
+
+
+def machine_info(jax):
+    return {
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def write_outputs(path, text, record):
+    """Appends the Markdown report to ``path`` (with a header if new) and ``record`` to the JSON list
+    next to it (``path`` with ``.json``)."""
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a") as f:
+        if new:
+            f.write(
+                "# Recurrent ops vs causal softmax attention on CPU: forward + backward\n\n"
+                "Produced by `benchmarks/recurrent.py` (the exact command is above each table); the "
+                "full results, every timed run included, are in the `.json` file next to this one.\n\n"
+            )
+        f.write(text + "\n\n")
+    json_path = os.path.splitext(path)[0] + ".json"
+    runs = []
+    if os.path.exists(json_path):
+        try:
+            with open(json_path) as f:
+                runs = json.load(f)
+        except (OSError, ValueError):
+            runs = []
+        if not isinstance(runs, list):
+            runs = [runs]
+    runs.append(record)
+    with open(json_path, "w") as f:
+        json.dump(runs, f, indent=1)
+        f.write("\n")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=list(DEFAULT_LENGTHS))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--key-dim", type=int, default=64, help="K, the q/k head dimension")
+    p.add_argument("--value-dim", type=int, default=64, help="V, the v head dimension")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--chunk-size", type=int, default=64, help="chunk_size of the recurrent ops' xla engine")
+    p.add_argument("--ops", type=lambda s: s.split(","), default=list(RECURRENT_OPS),
+                   help=f"comma-separated subset of {','.join(RECURRENT_OPS)}; attention always runs")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed calls per op (after a warm-up), fewer (not below 3) where that would "
+                        "exceed --time-budget")
+    p.add_argument("--time-budget", type=float, default=120.0,
+                   help="seconds of timed rounds per length before --repeats is cut")
+    p.add_argument("--grad-check-max-t", type=int, default=2048,
+                   help="check gradients against the float64 reference up to this T (output only above)")
+    p.add_argument("--check-samples", type=int, default=32,
+                   help="attention query rows checked in float64 above --grad-check-max-t")
+    p.add_argument("--mem-limit-gib", type=float, default=12.0,
+                   help="skip an op whose XLA memory estimate exceeds this")
+    p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure peak RSS in a fresh subprocess per (T, op)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None,
+                   help="append the Markdown report to this file and the results to the .json list next to it")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny fast run (CI): T=128,256, B=1, H=2, K=V=32, 1 repeat, RSS of "
+                        f"{' and '.join(SMOKE_RSS_OPS)} at T=256 only")
+    p.add_argument("--rss-worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.lengths, args.heads, args.key_dim, args.value_dim, args.repeats = [128, 256], 2, 32, 32, 1
+    unknown = set(args.ops) - set(RECURRENT_OPS)
+    if unknown:
+        p.error(f"unknown --ops {sorted(unknown)}; choose from {tuple(RECURRENT_OPS)}")
+    if args.lengths != sorted(set(args.lengths)):
+        p.error("--lengths must be increasing")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.rss_worker:
+        return rss_worker(args)
+    import jax
+
+    ops = [BASELINE] + [op for op in RECURRENT_OPS if op in args.ops]
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    log(f"{command}\njax {jax.__version__}, devices {jax.devices()}, ops {ops}")
+    started = datetime.datetime.now()
+    load_start = load_average()
+    all_results = {}
+    for length in args.lengths:
+        all_results[length] = benchmark_length(length, ops, args, log)
+    load_end = load_average()
+    machine = machine_info(jax)
+
+    report = [
+        f"### Recurrent ops vs causal softmax attention, forward + backward, B={args.batch}, H={args.heads}, "
+        f"K={args.key_dim}, V={args.value_dim}, {args.dtype}, chunk_size={args.chunk_size}",
+        "",
+        f"`{command}` on {started.date().isoformat()}, {machine['machine']} CPU ({machine['cpu']}), "
+        f"{machine['cores']} cores, jax {machine['jax']}; median of {args.repeats} interleaved runs (fewer, at "
+        f"least 3, where a round of all ops exceeds {args.time_budget / args.repeats:.0f} s); "
+        f"1-minute load average {load_start} at the start and {load_end} at the end.",
+        "",
+        *tables(all_results, ops),
+        "Time: `jax.jit(jax.grad(sum(out * ct)))` w.r.t. q, k, v, g, beta, the `xla` path. Speed-up: "
+        "attention's time / the op's time (> 1: faster than causal softmax attention). XLA MiB: "
+        "`compiled.memory_analysis()` temp + argument + output (temp is a lower bound on CPU). Peak RSS "
+        "MiB: peak resident-set increase of one call in a fresh process (compile excluded). max rel err: "
+        "largest relative RMS error of what is checked against the float64 oracle: the op's "
+        f"`impl=\"reference\"`, out and every gradient for T <= {args.grad_check_max_t}, the whole out above; "
+        "attention above that: out on sampled query rows against float64 numpy.",
+    ]
+    cross = crossover_lines(all_results, ops)
+    if cross:
+        report += ["", "Crossover: the smallest measured T from which the op is faster than causal softmax "
+                   "attention at every larger measured T.", ""] + [f"- {line}" for line in cross]
+    targets = target_lines(all_results)
+    if targets:
+        report += ["", "Targets:", ""] + [f"- {line}" for line in targets]
+    text = "\n".join(report)
+    print(text)
+    if args.output:
+        record = {
+            "command": command,
+            "date": started.isoformat(timespec="seconds"),
+            "machine": machine,
+            "load_average": {"start": load_start, "end": load_end},
+            "config": {k: v for k, v in vars(args).items() if k not in ("rss_worker", "output")},
+            "results": {
+                str(length): {
+                    op: {k: v for k, v in entry.items() if k != "times"}
+                    | {"times_ms": [t * 1e3 for t in entry["times"]], "xla_mib": _mib(entry["xla_bytes"]),
+                       "rss_mib": _mib(entry["rss_bytes"]), "speedup_vs_attention": speedup(results, op)}
+                    for op, entry in results.items()
+                }
+                for length, results in all_results.items()
+            },
+            "crossover": crossovers(all_results, ops),
+            "targets": targets,
+        }
+        write_outputs(args.output, text, record)
+    failed = any(e["status"] == "FAIL" or e["status"].startswith("ERROR") for r in all_results.values() for e in r.values())
+    return 1 if failed else 0
+
+
+def _mib(x):
+    return None if x is None else x / MIB
+
+
+if __name__ == "__main__":
+    sys.exit(main())
