@@ -44,3 +44,5 @@ __all__ = [
     "list_mixers",
     "register_mixer",
 ]
+from attnzoo.layers import linear as _linear  # noqa: E402,F401  (registers the mixers)
+from attnzoo.layers import delta as _delta  # noqa: E402,F401  (registers the mixers)

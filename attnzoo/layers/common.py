@@ -184,20 +184,21 @@ def shard_map_batch_heads(
     fn: Callable[..., jax.Array],
     args: Sequence[jax.Array],
     layouts: Sequence[str],
-    out_layout: str,
+    out_layout: str | tuple[str, ...],
     mesh_axes: MeshAxes,
     *,
     owner: str = "shard_map_batch_heads",
-) -> jax.Array:
+):
     """Calls ``fn(*args)`` per shard of batch and heads when a mesh is active, else directly.
 
     Args:
-      fn: a function of per-shard arrays returning one array (e.g. a Pallas attention call).
+      fn: a function of per-shard arrays returning one array (e.g. a Pallas attention call), or a
+        tuple of arrays when ``out_layout`` is a tuple.
       args: the global arrays.
       layouts: one string per arg naming its axes: ``"B"`` is sharded over ``mesh_axes.batch``,
         ``"H"`` over ``mesh_axes.heads``, any other letter is replicated, e.g. ``"BTHD"`` for
         ``[B,T,H,D]`` activations, ``"BT"`` for segment ids, ``"B"`` for lengths.
-      out_layout: the layout of the result.
+      out_layout: the layout of the result (a tuple of layouts for a tuple of results).
       mesh_axes: the mesh axis names to use.
 
     Batch is sharded over the longest prefix of ``mesh_axes.batch`` (those present in the mesh)
@@ -240,7 +241,7 @@ def shard_map_batch_heads(
     mapped = jax.shard_map(
         fn,
         in_specs=tuple(spec(layout) for layout in layouts),
-        out_specs=spec(out_layout),
+        out_specs=tuple(spec(layout) for layout in out_layout) if isinstance(out_layout, tuple) else spec(out_layout),
         check_vma=False,
     )
     return mapped(*args)

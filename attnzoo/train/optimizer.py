@@ -8,7 +8,7 @@ import jax
 import optax
 
 # Parameter leaves (last path component) that are never decayed, as in timm and big_vision.
-NO_DECAY_LEAVES = frozenset({"bias", "scale", "pos_embed", "cls_token"})
+NO_DECAY_LEAVES = frozenset({"bias", "scale", "pos_embed", "cls_token", "A_log", "dt_bias"})
 
 
 def _path_names(path) -> list[str]:
@@ -21,7 +21,8 @@ def _path_names(path) -> list[str]:
 
 def decays(path) -> bool:
     """Whether the parameter at ``path`` gets weight decay: not biases, norm scales, position
-    embeddings or class tokens, and nothing inside a module whose name contains ``norm``."""
+    embeddings, class tokens or SSM-style decay parameters (``A_log``, ``dt_bias``, as fla and
+    Mamba exempt them), and nothing inside a module whose name contains ``norm``."""
     names = _path_names(path)
     if names and names[-1] in NO_DECAY_LEAVES:
         return False

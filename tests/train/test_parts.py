@@ -56,7 +56,8 @@ def test_sharding_rules_are_checked():
 def test_weight_decay_mask_skips_norms_biases_and_embeddings_of_position():
     params = {
         "blocks": {"stack": {"mixer": {"q_proj": {"kernel": jnp.ones((2, 4, 4))},
-                                       "q_norm": {"scale": jnp.ones((2, 4))}},
+                                       "q_norm": {"scale": jnp.ones((2, 4))},
+                                       "A_log": jnp.ones((2, 4)), "dt_bias": jnp.ones((2, 4))},
                              "mlp_norm": {"scale": jnp.ones((2, 4))},
                              "mlp": {"up": {"kernel": jnp.ones((2, 4, 8)), "bias": jnp.ones((2, 8))}}}},
         "pos_embed": jnp.ones((1, 5, 4)),

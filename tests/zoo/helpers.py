@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-KNOWN_LOGICAL_AXES = {"embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "norm", "layers", None}
+KNOWN_LOGICAL_AXES = {"embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "norm", "layers", "conv_kernel", None}
 
 
 def randomize(module, seed=0, scale=0.3):
