@@ -125,6 +125,33 @@ def blocked_unit_lower_inverse(a: jax.Array) -> jax.Array:
     return inverse[..., 0, :, :]
 
 
+@jax.custom_vjp
+def solve_unit_lower(a: jax.Array, rhs: jax.Array) -> jax.Array:
+    """``X = (I + A)^-1 R`` for strictly lower-triangular ``A [..., C, C]`` and ``R [..., C, M]``.
+
+    The inverse comes from :func:`blocked_unit_lower_inverse`; the backward reuses it instead of
+    differentiating through the recursion: ``dR = (I + A)^-T dX``, ``dA = strict_lower(-dR X^T)``.
+    """
+    return blocked_unit_lower_inverse(a) @ rhs
+
+
+def _solve_unit_lower_forward(a, rhs):
+    inverse = blocked_unit_lower_inverse(a)
+    solution = inverse @ rhs
+    return solution, (inverse, solution)
+
+
+def _solve_unit_lower_backward(residuals, d_solution):
+    inverse, solution = residuals
+    d_rhs = jnp.swapaxes(inverse, -1, -2) @ d_solution
+    rows, cols = _iota2(inverse.shape[-1], inverse.shape[-1])
+    d_a = jnp.where(rows > cols, -(d_rhs @ jnp.swapaxes(solution, -1, -2)), 0.0)
+    return d_a, d_rhs
+
+
+solve_unit_lower.defvjp(_solve_unit_lower_forward, _solve_unit_lower_backward)
+
+
 def chunk_scores(lefts, b, gates: Gates, *, stricts, same_segment=None):
     """``P_ij = sum_c a_ic b_jc e^(G_ic - G_jc)`` for ``j <= i`` (``j < i`` if strict), else 0.
 
@@ -279,9 +306,10 @@ def prepare(q, k, v, gates: Gates, beta, *, segments: Segments | None = None) ->
             chunk_decay = jnp.where(survives[..., None], chunk_decay, 0.0)
     if beta is None:
         return Prepared(q_decayed, scores, k_to_end, chunk_decay, None, v)
-    inverse = blocked_unit_lower_inverse(beta[..., None] * interactions)
-    w = inverse @ (k_seen * beta[..., None])
-    values = inverse @ (v * beta[..., None])
+    key_dim = k.shape[-1]
+    rhs = jnp.concatenate([k_seen, v], axis=-1) * beta[..., None]
+    solved = solve_unit_lower(beta[..., None] * interactions, rhs)
+    w, values = solved[..., :key_dim], solved[..., key_dim:]
     return Prepared(q_decayed, scores, k_to_end, chunk_decay, w, values)
 
 
