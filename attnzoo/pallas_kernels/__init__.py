@@ -20,6 +20,7 @@ from attnzoo.pallas_kernels.attention import (
     block_metadata,
 )
 from attnzoo.pallas_kernels.linear_rnn import (
+    RecurrentBlockSizes,
     delta_rule,
     delta_rule_step,
     gated_delta_rule,
@@ -52,6 +53,7 @@ __all__ = [
     "NotMask",
     "BlockMetadata",
     "block_metadata",
+    "RecurrentBlockSizes",
     "linear_attention",
     "simple_gla",
     "gla",

@@ -340,3 +340,53 @@ def test_errors_name_the_argument():
         pk.gated_delta_rule_step(q[:, 0], q[:, 0], v[:, 0], g[:, 0], g[:, 0], jnp.zeros((1, 2, 3, 4)))
     with pytest.raises(ValueError, match=r"kda_step: g must have shape \(1, 2, 4\)"):
         pk.kda_step(q[:, 0], q[:, 0], v[:, 0], g[:, 0], g[:, 0], jnp.zeros((1, 2, 4, 3)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The public ops' pallas dispatch (the kernels themselves: test_linear_rnn_pallas.py)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_pallas_impl_through_the_public_op(op):
+    """impl="pallas" (interpreted on CPU) against the float64 oracle, packed sequences included."""
+    offsets = jnp.asarray([0, 7, 30], jnp.int32)
+    with float64():
+        args, states = make_inputs(op, 31, 1, 30, 2, 5, 3, sequences=2)
+        out, final = run(op, args, states, impl="pallas", cu_seqlens=offsets, chunk_size=16,
+                         block_sizes=pk.RecurrentBlockSizes(block_v=16, subchunk=8))
+        ref, ref_final = run(op, args, states, impl="reference", cu_seqlens=offsets)
+        assert_close(out, ref, "o", dtype=jnp.float64)
+        assert_close(final, ref_final, "final_state", dtype=jnp.float64)
+
+
+def test_pallas_normalized_linear_attention_and_lowering():
+    from attnzoo.pallas_kernels.testing import assert_lowers
+
+    rng = np.random.default_rng(3)
+    q, k = (np.exp(rng.normal(size=(2, 24, 2, 4))).astype(np.float32) for _ in range(2))
+    v = rng.normal(size=(2, 24, 2, 3)).astype(np.float32)
+    out, _ = pk.linear_attention(q, k, v, normalize=True, impl="pallas")
+    with float64():
+        ref, _ = pk.linear_attention(*to_float64([q, k, v]), normalize=True, impl="reference")
+    assert_close(out, ref, "o", dtype=jnp.float32)
+    args, state = make_inputs("gated_delta_rule", 0, 1, 40, 2, 16, 16, dtype=np.float32)
+
+    def gated(q, k, v, g, beta, state):
+        return pk.gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True, impl="pallas")
+
+    assert_lowers(gated, *args, state, argnums=(0, 1, 2, 3, 4, 5))
+
+
+def test_pallas_routing_of_segment_ids_and_block_sizes():
+    args, _ = make_inputs("gla", 0, 1, 20, 2, 4, 3, dtype=np.float32)
+    ids = jnp.asarray([[0] * 8 + [1] * 12], jnp.int32)
+    with pytest.raises(ValueError, match="gla: segment_ids runs on impl 'xla' or 'reference'"):
+        pk.gla(*args, impl="pallas", segment_ids=ids)
+    auto, _ = pk.gla(*args, segment_ids=ids)  # auto: xla wherever segment_ids is given
+    xla, _ = pk.gla(*args, impl="xla", segment_ids=ids)
+    np.testing.assert_array_equal(auto, xla)
+    with pytest.raises(ValueError, match="block_sizes tiles the pallas kernels"):
+        pk.gla(*args, impl="xla", block_sizes=pk.RecurrentBlockSizes())
+    with pytest.raises(TypeError, match="block_sizes must be a RecurrentBlockSizes"):
+        pk.gla(*args, impl="pallas", block_sizes=(16, 8))

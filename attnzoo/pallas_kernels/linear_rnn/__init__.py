@@ -28,7 +28,11 @@ T with B == 1; the state restarts at each), ``chunk_size`` and ``impl``:
 * ``reference``: the token-by-token ``lax.scan`` (:mod:`reference`), the float64 oracle;
 * ``xla``: the chunkwise-parallel engine (:mod:`chunk`, :mod:`xla`): intra-chunk matmuls, a
   sequential pass over chunk states in float32, a triangular inverse by matmuls;
-* ``auto``: ``xla``.
+* ``pallas``: the same chunked engine as fused Pallas kernels, forward and backward
+  (:mod:`pallas`; Mosaic on TPU, Triton on GPU, the interpreter on CPU), tiled by
+  :class:`RecurrentBlockSizes`;
+* ``auto``: ``pallas`` on TPU and GPU, ``xla`` on CPU and whenever ``segment_ids`` is given
+  (the kernels restart states per packed sequence, ``cu_seqlens``, not per segment id).
 
 Each op has a one-token ``*_step`` form for decoding: inputs without the T axis and a state.
 """
@@ -41,8 +45,10 @@ import jax
 import jax.numpy as jnp
 
 from attnzoo.pallas_kernels import common
+from attnzoo.pallas_kernels.linear_rnn import pallas as _pallas
 from attnzoo.pallas_kernels.linear_rnn import reference as _reference
 from attnzoo.pallas_kernels.linear_rnn import xla as _xla
+from attnzoo.pallas_kernels.linear_rnn.pallas import RecurrentBlockSizes
 from attnzoo.pallas_kernels.linear_rnn.reference import recurrence, recurrent_step
 
 __all__ = [
@@ -60,16 +66,11 @@ __all__ = [
     "kda_step",
     "recurrence",
     "recurrent_step",
+    "RecurrentBlockSizes",
 ]
 
-IMPLS = ("auto", "reference", "xla")
+IMPLS = common.IMPLS
 NORMALIZE_EPS = 1e-10
-
-
-def _resolve_impl(impl, op: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
-    return "xla" if impl == "auto" else impl
 
 
 def _check_chunk_size(op: str, chunk_size) -> int:
@@ -79,18 +80,25 @@ def _check_chunk_size(op: str, chunk_size) -> int:
     return chunk_size
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "scale", "output_final_state", "chunk_size"))
+@functools.partial(
+    jax.jit, static_argnames=("impl", "scale", "output_final_state", "chunk_size", "block_sizes", "interpret")
+)
 def _run(q, k, v, g, gk, beta, initial_state, cu_seqlens, segment_ids, *, impl, scale, output_final_state,
-         chunk_size):
+         chunk_size, block_sizes, interpret):
     kwargs = dict(g=g, gk=gk, beta=beta, scale=scale, initial_state=initial_state,
                   output_final_state=output_final_state, cu_seqlens=cu_seqlens, segment_ids=segment_ids)
     if impl == "reference":
         return _reference.recurrence(q, k, v, **kwargs)
+    if impl == "pallas":
+        del kwargs["segment_ids"]  # None here: _op routes segment_ids away from the kernels
+        return _pallas.chunked_recurrence_pallas(
+            q, k, v, chunk_size=chunk_size, block_sizes=block_sizes, interpret=interpret, **kwargs
+        )
     return _xla.chunked_recurrence(q, k, v, chunk_size=chunk_size, **kwargs)
 
 
 def _op(op, q, k, v, *, g=None, gk=None, beta=None, scale, initial_state, output_final_state, cu_seqlens,
-        segment_ids, chunk_size, impl, normalize=False):
+        segment_ids, chunk_size, impl, block_sizes, interpret, normalize=False):
     _reference.check_inputs(op, q, k, v, g, gk, beta, initial_state, cu_seqlens, normalize=normalize,
                             segment_ids=segment_ids)
     scale = common.check_float(op, "scale", scale)
@@ -98,12 +106,24 @@ def _op(op, q, k, v, *, g=None, gk=None, beta=None, scale, initial_state, output
     if not isinstance(output_final_state, bool):
         raise TypeError(f"{op}: output_final_state must be a bool, got {type(output_final_state).__name__}")
     chunk_size = _check_chunk_size(op, chunk_size)
-    impl = _resolve_impl(impl, op)
+    if impl == "auto" and segment_ids is not None:
+        impl = "xla"  # the Pallas kernels restart states per packed sequence (cu_seqlens) only
+    impl = common.resolve_impl(impl, op)
+    if impl == "pallas" and segment_ids is not None:
+        raise ValueError(
+            f"{op}: segment_ids runs on impl 'xla' or 'reference' (or 'auto'); the pallas kernels take "
+            "packed sequences as cu_seqlens"
+        )
+    interpret = common.check_interpret(interpret, op)
+    if block_sizes is not None and not isinstance(block_sizes, RecurrentBlockSizes):
+        raise TypeError(f"{op}: block_sizes must be a RecurrentBlockSizes, got {type(block_sizes).__name__}")
+    if block_sizes is not None and impl != "pallas":
+        raise ValueError(f"{op}: block_sizes tiles the pallas kernels; impl {impl!r} takes only chunk_size")
     if normalize:
         v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
     out, final = _run(
         q, k, v, g, gk, beta, initial_state, cu_seqlens, segment_ids, impl=impl, scale=scale,
-        output_final_state=output_final_state, chunk_size=chunk_size,
+        output_final_state=output_final_state, chunk_size=chunk_size, block_sizes=block_sizes, interpret=interpret,
     )
     if normalize:
         out = _normalized(out)
@@ -124,8 +144,10 @@ _SHARED_ARGS = """
       segment_ids: ``[B, T]`` ints, or None (not with cu_seqlens): packed documents per row; the
         state restarts at zero where the id changes (the row's first token starts from
         initial_state) and the final state is the row's last segment's.
-      chunk_size: tokens per chunk of the ``xla`` engine (a power of two >= 16; shrunk for short
-        inputs). impl: "auto" | "reference" | "xla".
+      chunk_size: tokens per chunk of the ``xla`` and ``pallas`` engines (a power of two >= 16;
+        shrunk for short inputs). impl: "auto" | "reference" | "xla" | "pallas".
+      block_sizes: :class:`RecurrentBlockSizes` of the pallas kernels (default tiling).
+      interpret: Pallas interpret mode, see :mod:`attnzoo.pallas_kernels.common`.
 
     Returns ``(o [B,T,H,V] in v's dtype, final_state [N,H,K,V] float32 or None)``."""
 
@@ -148,12 +170,12 @@ def _document(summary: str, args: str):
 )
 def linear_attention(q, k, v, *, normalize: bool = False, scale=None, initial_state=None,
                      output_final_state: bool = False, cu_seqlens=None, segment_ids=None, chunk_size: int = 64,
-                     impl: str = "auto"):
+                     impl: str = "auto", block_sizes=None, interpret=None):
     if not isinstance(normalize, bool):
         raise TypeError(f"linear_attention: normalize must be a bool, got {type(normalize).__name__}")
     return _op("linear_attention", q, k, v, scale=scale, initial_state=initial_state,
                output_final_state=output_final_state, cu_seqlens=cu_seqlens, segment_ids=segment_ids, chunk_size=chunk_size,
-               impl=impl, normalize=normalize)
+               impl=impl, block_sizes=block_sizes, interpret=interpret, normalize=normalize)
 
 
 @_document(
@@ -163,9 +185,11 @@ def linear_attention(q, k, v, *, normalize: bool = False, scale=None, initial_st
 """,
 )
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state: bool = False,
-               cu_seqlens=None, segment_ids=None, chunk_size: int = 64, impl: str = "auto"):
+               cu_seqlens=None, segment_ids=None, chunk_size: int = 64, impl: str = "auto",
+        block_sizes=None, interpret=None):
     return _op("simple_gla", q, k, v, g=g, scale=scale, initial_state=initial_state,
-               output_final_state=output_final_state, cu_seqlens=cu_seqlens, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
+               output_final_state=output_final_state, cu_seqlens=cu_seqlens, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl,
+               block_sizes=block_sizes, interpret=interpret)
 
 
 @_document(
@@ -175,9 +199,11 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
 """,
 )
 def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state: bool = False,
-        cu_seqlens=None, segment_ids=None, chunk_size: int = 64, impl: str = "auto"):
+        cu_seqlens=None, segment_ids=None, chunk_size: int = 64, impl: str = "auto",
+        block_sizes=None, interpret=None):
     return _op("gla", q, k, v, gk=g, scale=scale, initial_state=initial_state,
-               output_final_state=output_final_state, cu_seqlens=cu_seqlens, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
+               output_final_state=output_final_state, cu_seqlens=cu_seqlens, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl,
+               block_sizes=block_sizes, interpret=interpret)
 
 
 @_document(
@@ -187,9 +213,11 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state: bool 
 """,
 )
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state: bool = False,
-               cu_seqlens=None, segment_ids=None, chunk_size: int = 64, impl: str = "auto"):
+               cu_seqlens=None, segment_ids=None, chunk_size: int = 64, impl: str = "auto",
+        block_sizes=None, interpret=None):
     return _op("delta_rule", q, k, v, beta=beta, scale=scale, initial_state=initial_state,
-               output_final_state=output_final_state, cu_seqlens=cu_seqlens, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
+               output_final_state=output_final_state, cu_seqlens=cu_seqlens, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl,
+               block_sizes=block_sizes, interpret=interpret)
 
 
 @_document(
@@ -199,9 +227,11 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
 """,
 )
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state: bool = False,
-                     cu_seqlens=None, segment_ids=None, chunk_size: int = 64, impl: str = "auto"):
+                     cu_seqlens=None, segment_ids=None, chunk_size: int = 64, impl: str = "auto",
+        block_sizes=None, interpret=None):
     return _op("gated_delta_rule", q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-               output_final_state=output_final_state, cu_seqlens=cu_seqlens, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
+               output_final_state=output_final_state, cu_seqlens=cu_seqlens, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl,
+               block_sizes=block_sizes, interpret=interpret)
 
 
 @_document(
@@ -211,9 +241,11 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
 """,
 )
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state: bool = False,
-        cu_seqlens=None, segment_ids=None, chunk_size: int = 64, impl: str = "auto"):
+        cu_seqlens=None, segment_ids=None, chunk_size: int = 64, impl: str = "auto",
+        block_sizes=None, interpret=None):
     return _op("kda", q, k, v, gk=g, beta=beta, scale=scale, initial_state=initial_state,
-               output_final_state=output_final_state, cu_seqlens=cu_seqlens, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
+               output_final_state=output_final_state, cu_seqlens=cu_seqlens, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl,
+               block_sizes=block_sizes, interpret=interpret)
 
 
 # ------------------------------------------------------------------------------------------------
