@@ -243,9 +243,6 @@ class _DeltaRuleMixer(nnx.Module):
             conv = tuple(c.init_state(batch, dtype) for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d))
         return RecurrentCache(state=state, conv=conv, lengths=jnp.zeros((batch,), jnp.int32))
 
-    def _projection_flops(self, seq_len: int) -> int:
-        raise NotImplementedError
-
     def flops(self, seq_len: int, kv_len: int | None = None) -> int:
         """Forward matmul FLOPs for one sequence of ``T = seq_len`` tokens (2 per multiply-add).
 
@@ -268,14 +265,6 @@ class _DeltaRuleMixer(nnx.Module):
     def _qk_features(self, q: jax.Array, k: jax.Array):
         """Activation (when not in the convolution) and normalisation of ``q, k [B,T,H,K]``."""
         return l2_normalize(q), l2_normalize(k)
-
-    def _beta_and_gate(self, x: jax.Array, stat_dtype):
-        """``(beta [B,T,Hv], g)``: g None, ``[B,T,Hv]`` or ``[B,T,Hv,K]`` log-decays, in stat_dtype."""
-        raise NotImplementedError
-
-    def _readout(self, o: jax.Array, x: jax.Array) -> jax.Array:
-        """Output norm (and gate) of ``o [B,T,Hv,V]`` then ``o_proj`` -> ``[B,T,D]``."""
-        raise NotImplementedError
 
     def _check_cache(self, cache, batch: int):
         owner = self._owner

@@ -197,9 +197,6 @@ class _RecurrentMixer(nnx.Module):
     def _conv_modules(self) -> tuple[ShortConvolution, ...]:
         return ()
 
-    def _state_shape(self, batch: int) -> tuple[int, int, int, int]:
-        raise NotImplementedError
-
     def init_cache(self, batch: int, max_len: int, dtype: DType | None = None) -> RecurrentCache:
         """An empty :class:`RecurrentCache` for ``batch`` rows.
 

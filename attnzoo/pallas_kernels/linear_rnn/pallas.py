@@ -25,7 +25,7 @@ from attnzoo.pallas_kernels import common
 from attnzoo.pallas_kernels.common import round_up
 from attnzoo.pallas_kernels.linear_rnn import gpu as _gpu
 from attnzoo.pallas_kernels.linear_rnn import tpu as _tpu
-from attnzoo.pallas_kernels.linear_rnn.xla import chunk_aligned_layout, from_chunks, to_chunks
+from attnzoo.pallas_kernels.linear_rnn.xla import chunk_aligned_layout, from_chunks, gather_to_layout, to_chunks
 
 OP = "linear_rnn.chunked_recurrence_pallas"
 MIN_DIM = 16  # Triton's smallest matmul dimension
@@ -190,15 +190,7 @@ def chunked_recurrence_pallas(
     layout = None
     if cu_seqlens is not None:
         layout = chunk_aligned_layout(cu_seqlens, length, chunk)
-
-        def gather(x):
-            if x is None:
-                return None
-            picked = jnp.take(x, layout.source, axis=1)
-            mask = layout.valid.reshape((1, -1) + (1,) * (x.ndim - 2))
-            return jnp.where(mask, picked, 0)
-
-        inputs = [gather(x) for x in inputs]
+        inputs = gather_to_layout(inputs, layout)
         padded = layout.source.shape[0]
     else:
         padded = round_up(length, chunk)

@@ -12,7 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from attnzoo.pallas_kernels.common import round_up
+from attnzoo.pallas_kernels.common import pad_axis, round_up
 from attnzoo.pallas_kernels.linear_rnn import chunk as _chunk
 from attnzoo.pallas_kernels.linear_rnn.reference import segment_restarts
 
@@ -68,6 +68,18 @@ def chunk_aligned_layout(cu_seqlens: jax.Array, length: int, chunk: int) -> Chun
     return ChunkLayout(source, valid, slot.astype(jnp.int32), sequence, starts, last_chunk.astype(jnp.int32))
 
 
+def gather_to_layout(arrays, layout: ChunkLayout):
+    """Moves packed ``[1, T, ...]`` arrays (None passes through) into the layout's slots, zero in gaps."""
+
+    def gather(x):
+        if x is None:
+            return None
+        picked = jnp.take(x, layout.source, axis=1)
+        return jnp.where(layout.valid.reshape((1, -1) + (1,) * (x.ndim - 2)), picked, 0)
+
+    return [gather(x) for x in arrays]
+
+
 def to_chunks(x, chunk: int):
     """``[B, T, H, ...]`` (T a multiple of chunk) -> ``[B, H, N, C, ...]``."""
     batch, length, heads = x.shape[:3]
@@ -105,21 +117,10 @@ def chunked_recurrence(
         resets = segment_restarts(segment_ids)[:, :, None]  # [B, T, 1]: one head axis to chunk
     if cu_seqlens is not None:
         layout = chunk_aligned_layout(cu_seqlens, length, chunk)
-
-        def gather(x):
-            if x is None:
-                return None
-            picked = jnp.take(x, layout.source, axis=1)
-            mask = layout.valid.reshape((1, -1) + (1,) * (x.ndim - 2))
-            return jnp.where(mask, picked, 0)
-
-        inputs = [gather(x) for x in inputs]
-        padded = layout.source.shape[0]
+        inputs = gather_to_layout(inputs, layout)
     else:
-        padded = round_up(length, chunk)
-        pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-        inputs = [x if x is None else pad(x) for x in inputs]
-        resets = None if resets is None else pad(resets)
+        inputs = [x if x is None else pad_axis(x, 1, chunk) for x in inputs]
+        resets = None if resets is None else pad_axis(resets, 1, chunk)
     q, k, v, g, gk, beta = [x if x is None else to_chunks(x, chunk) for x in inputs]
     gates = _chunk.Gates(
         scalar=None if g is None else jnp.cumsum(g, axis=-1),
