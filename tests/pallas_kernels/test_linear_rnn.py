@@ -378,14 +378,16 @@ def test_pallas_normalized_linear_attention_and_lowering():
     assert_lowers(gated, *args, state, argnums=(0, 1, 2, 3, 4, 5))
 
 
-def test_pallas_routing_of_segment_ids_and_block_sizes():
+def test_pallas_dispatch_of_segment_ids_and_block_sizes():
+    """impl="pallas" takes segment_ids (the kernels restart per id, tested in test_linear_rnn_pallas)
+    and agrees with the xla engine through the public op; block_sizes only with pallas."""
     args, _ = make_inputs("gla", 0, 1, 20, 2, 4, 3, dtype=np.float32)
     ids = jnp.asarray([[0] * 8 + [1] * 12], jnp.int32)
-    with pytest.raises(ValueError, match="gla: segment_ids runs on impl 'xla' or 'reference'"):
-        pk.gla(*args, impl="pallas", segment_ids=ids)
-    auto, _ = pk.gla(*args, segment_ids=ids)  # auto: xla wherever segment_ids is given
-    xla, _ = pk.gla(*args, impl="xla", segment_ids=ids)
-    np.testing.assert_array_equal(auto, xla)
+    pallas, _ = pk.gla(*args, impl="pallas", segment_ids=ids, interpret=True, chunk_size=16)
+    xla, _ = pk.gla(*args, impl="xla", segment_ids=ids, chunk_size=16)
+    unsegmented, _ = pk.gla(*args, impl="xla", chunk_size=16)
+    assert_close(pallas, xla, "out", dtype=jnp.float32)
+    assert not np.allclose(xla, unsegmented, atol=1e-3)
     with pytest.raises(ValueError, match="block_sizes tiles the pallas kernels"):
         pk.gla(*args, impl="xla", block_sizes=pk.RecurrentBlockSizes())
     with pytest.raises(TypeError, match="block_sizes must be a RecurrentBlockSizes"):

@@ -262,3 +262,85 @@ def test_small_subchunk():
     with testing.float64():
         args = make_inputs("kda", 1, 40, 1, 6, 5, seed=9)
         check("kda", args, jnp.float64, chunk_size=16, interpret=True, block_sizes=RecurrentBlockSizes(subchunk=4))
+
+
+# ----------------------------------------------------------------------------------- segment_ids
+
+# Rows of 37 tokens in chunks of 16: restarts inside the first chunk (5), on a chunk boundary (16)
+# and in the last, padded chunk (32); at token 1, two in one chunk (21, 24) and none in the last.
+SEGMENT_IDS = np.array([[0] * 5 + [1] * 11 + [2] * 16 + [3] * 5,
+                        [7] + [1] * 20 + [2] * 3 + [0] * 13])
+
+
+def check_segments(op, args, segment_ids, dtype, **options):
+    """segment_ids against ``reference.recurrence(..., segment_ids=...)``: outputs, final states,
+    every gradient."""
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    f = pallas_fn(segment_ids=segment_ids, **options)
+    ref = lambda *a: reference_fn(*a, segment_ids=segment_ids)  # noqa: E731
+    out, final = f(*args)
+    with testing.float64():
+        wide = testing.to_float64(args)
+        ref_out, ref_final = ref(*wide)
+        unsegmented, _ = reference_fn(*wide)
+        assert not np.allclose(ref_out, unsegmented)  # the restarts matter
+    errors = {"out": testing.assert_close(out, ref_out, "out", dtype=dtype),
+              "final": testing.assert_close(final, ref_final, "final", dtype=dtype)}
+    names = [NAMES[i] for i in argnums(args)]
+    errors.update(testing.assert_grads_close(f, ref, args, argnums=argnums(args), dtype=dtype, names=names))
+    return errors
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_segment_ids(op):
+    """Every op with restarts inside chunks, on a chunk boundary, at token 1, per-row segmentations."""
+    with testing.float64():
+        args = make_inputs(op, 2, 37, 2, 5, 3, seed=10)
+        check_segments(op, args, SEGMENT_IDS, jnp.float64, chunk_size=16, interpret=True)
+
+
+@pytest.mark.parametrize("op", ["kda", pytest.param("gla", marks=pytest.mark.slow)])
+def test_segment_ids_subchunks(op):
+    """Per-channel scores over sub-chunks of 4: restarts on (8), just before (3) and just after (13)
+    a sub-chunk boundary, so off-diagonal blocks mix segments, and at a chunk's last token (15)."""
+    ids = np.cumsum(np.isin(np.arange(24), [3, 8, 13, 15, 20]))[None]
+    with testing.float64():
+        args = make_inputs(op, 1, 24, 1, 6, 5, seed=11)
+        check_segments(op, args, ids, jnp.float64, chunk_size=16, interpret=True,
+                       block_sizes=RecurrentBlockSizes(subchunk=4))
+
+
+@pytest.mark.parametrize("op", ["linear_attention", pytest.param("kda", marks=pytest.mark.slow)])
+def test_segment_ids_gpu_kernels(op, gpu_kernels):
+    """The Triton kernels in the interpreter with segment_ids (value blocks of 16; without gates
+    the state kernels get the 0/1 chunk decay)."""
+    with testing.float64():
+        args = make_inputs(op, 2, 37, 2, 5, 40, seed=12)
+        check_segments(op, args, SEGMENT_IDS, jnp.float64, chunk_size=16, interpret=True,
+                       block_sizes=RecurrentBlockSizes(block_v=16))
+
+
+@pytest.mark.parametrize("op", ["kda", pytest.param("gated_delta_rule", marks=pytest.mark.slow)])
+def test_segment_ids_float32_strong_decay(op):
+    """Log-decays down to -10 per token: the gates restart at resets, so the rescaling exponents
+    across a restart would be positive (up to +320); masked and clamped, nothing overflows."""
+    ids = np.cumsum(np.isin(np.arange(64), [10, 32, 40, 63]))[None]
+    args = make_inputs(op, 1, 64, 1, 16, 16, seed=13, gate_range=(0.0, 10.0), dtype=np.float32)
+    check_segments(op, args, ids, jnp.float32, chunk_size=32, interpret=True)
+
+
+def test_segment_ids_with_cu_seqlens():
+    q = jnp.zeros((1, 4, 1, 4))
+    with pytest.raises(ValueError, match="segment_ids"):
+        chunked_recurrence_pallas(q, q, q, scale=1.0, cu_seqlens=jnp.array([0, 4]),
+                                  segment_ids=jnp.zeros((1, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_segment_kernels_lower(op, platform):
+    """Forward and backward kernels with segment_ids (reset flags in the prepare kernels)."""
+    args = make_inputs(op, 2, 300, 2, 64, 200, dtype=np.float32)
+    segment_ids = jnp.asarray(np.cumsum(np.arange(300) % 97 == 50)[None].repeat(2, 0), jnp.int32)
+    testing.assert_lowers(pallas_fn(segment_ids=segment_ids), *args, platforms=(platform,),
+                          argnums=argnums(args))

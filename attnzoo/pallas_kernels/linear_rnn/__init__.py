@@ -31,8 +31,10 @@ T with B == 1; the state restarts at each), ``chunk_size`` and ``impl``:
 * ``pallas``: the same chunked engine as fused Pallas kernels, forward and backward
   (:mod:`pallas`; Mosaic on TPU, Triton on GPU, the interpreter on CPU), tiled by
   :class:`RecurrentBlockSizes`;
-* ``auto``: ``pallas`` on TPU and GPU, ``xla`` on CPU and whenever ``segment_ids`` is given
-  (the kernels restart states per packed sequence, ``cu_seqlens``, not per segment id).
+* ``auto``: ``pallas`` on TPU and GPU, ``xla`` on CPU.
+
+``segment_ids [B, T]`` (packed documents per row, not with ``cu_seqlens``) restart the state
+wherever the id changes, on every implementation.
 
 Each op has a one-token ``*_step`` form for decoding: inputs without the T axis and a state.
 """
@@ -90,7 +92,6 @@ def _run(q, k, v, g, gk, beta, initial_state, cu_seqlens, segment_ids, *, impl, 
     if impl == "reference":
         return _reference.recurrence(q, k, v, **kwargs)
     if impl == "pallas":
-        del kwargs["segment_ids"]  # None here: _op routes segment_ids away from the kernels
         return _pallas.chunked_recurrence_pallas(
             q, k, v, chunk_size=chunk_size, block_sizes=block_sizes, interpret=interpret, **kwargs
         )
@@ -106,14 +107,7 @@ def _op(op, q, k, v, *, g=None, gk=None, beta=None, scale, initial_state, output
     if not isinstance(output_final_state, bool):
         raise TypeError(f"{op}: output_final_state must be a bool, got {type(output_final_state).__name__}")
     chunk_size = _check_chunk_size(op, chunk_size)
-    if impl == "auto" and segment_ids is not None:
-        impl = "xla"  # the Pallas kernels restart states per packed sequence (cu_seqlens) only
     impl = common.resolve_impl(impl, op)
-    if impl == "pallas" and segment_ids is not None:
-        raise ValueError(
-            f"{op}: segment_ids runs on impl 'xla' or 'reference' (or 'auto'); the pallas kernels take "
-            "packed sequences as cu_seqlens"
-        )
     interpret = common.check_interpret(interpret, op)
     if block_sizes is not None and not isinstance(block_sizes, RecurrentBlockSizes):
         raise TypeError(f"{op}: block_sizes must be a RecurrentBlockSizes, got {type(block_sizes).__name__}")

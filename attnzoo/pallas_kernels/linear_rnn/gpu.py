@@ -24,8 +24,10 @@ from attnzoo.pallas_kernels.linear_rnn.tpu import (
     _unpack,
     output_shape,
     prepare_backward_kernel,
+    prepare_in_specs,
     prepare_inputs,
     prepare_kernel,
+    prepare_operands,
     prepare_outputs,
     state_backward_step,
     state_inputs,
@@ -47,20 +49,20 @@ def _chunk_spec(shape):
 
 def prepare_forward(arrays: dict, cfg: Config, key_dim: int, value_dim: int, interpret):
     """As :func:`.tpu.prepare_forward`."""
-    inputs, outputs = prepare_inputs(cfg), prepare_outputs(cfg)
+    outputs = prepare_outputs(cfg)
     rows, chunks = arrays["q"].shape[:2]
     dtype = arrays["q"].dtype
     out_shapes = [output_shape(name, cfg, key_dim, value_dim) for name in outputs]
     results = pl.pallas_call(
         functools.partial(prepare_kernel, cfg=cfg),
         grid=(rows, chunks),
-        in_specs=[_chunk_spec(arrays[name].shape[2:]) for name in inputs],
+        in_specs=prepare_in_specs(arrays, cfg, _chunk_spec),
         out_specs=[_chunk_spec(shape) for shape in out_shapes],
         out_shape=[jax.ShapeDtypeStruct((rows, chunks) + shape, dtype) for shape in out_shapes],
         compiler_params=_params(),
         interpret=interpret,
         name="attnzoo_linear_rnn_prepare_gpu",
-    )(*[arrays[name] for name in inputs])
+    )(*prepare_operands(arrays, cfg))
     return dict(zip(outputs, results))
 
 
@@ -71,14 +73,14 @@ def prepare_backward(arrays: dict, cotangents: dict, cfg: Config, interpret):
     results = pl.pallas_call(
         functools.partial(prepare_backward_kernel, cfg=cfg),
         grid=(rows, chunks),
-        in_specs=[_chunk_spec(arrays[name].shape[2:]) for name in inputs]
+        in_specs=prepare_in_specs(arrays, cfg, _chunk_spec)
         + [_chunk_spec(cotangents[name].shape[2:]) for name in outputs],
         out_specs=[_chunk_spec(arrays[name].shape[2:]) for name in inputs],
         out_shape=[jax.ShapeDtypeStruct(arrays[name].shape, arrays[name].dtype) for name in inputs],
         compiler_params=_params(),
         interpret=interpret,
         name="attnzoo_linear_rnn_prepare_bwd_gpu",
-    )(*[arrays[name] for name in inputs], *[cotangents[name] for name in outputs])
+    )(*prepare_operands(arrays, cfg), *[cotangents[name] for name in outputs])
     return dict(zip(inputs, results))
 
 
@@ -174,7 +176,7 @@ def _state_backward_kernel(sequence_ref, starts_ref, last_ref, *refs, cfg: Confi
     refs = refs[4:]
     d_qd_ref, d_scores_ref, d_kend_ref = refs[:3]
     refs = refs[3:]
-    d_decay_ref = refs.pop(0) if cfg.gate != "none" else None
+    d_decay_ref = refs.pop(0) if cfg.decays else None
     d_w_ref = refs.pop(0) if cfg.delta else None
     d_writes_ref, d_initial_ref = refs
     row = pl.program_id(0)

@@ -9,6 +9,10 @@ forward:  ``prepare`` (parallel per chunk) -> ``state`` (sequential over chunks,
 backward: ``state`` backward (reverse, fused outputs backward) -> ``prepare`` backward (``jax.vjp``
           of the per-chunk math inside the kernel)
 
+``segment_ids`` (packed documents per row) adds per-token reset flags ``[B, N, C]`` as an input
+of the ``prepare`` kernels, which apply :mod:`.chunk`'s segment masks (restarting gates,
+same-segment scores, a 0/1 chunk decay for the ungated ops); the state kernels are unchanged.
+
 Computation is in float32 (float64 for float64 inputs); key and value dims are zero-padded to
 powers of two >= 16 and the value dim to a multiple of the value block.
 """
@@ -25,6 +29,7 @@ from attnzoo.pallas_kernels import common
 from attnzoo.pallas_kernels.common import round_up
 from attnzoo.pallas_kernels.linear_rnn import gpu as _gpu
 from attnzoo.pallas_kernels.linear_rnn import tpu as _tpu
+from attnzoo.pallas_kernels.linear_rnn.reference import segment_restarts
 from attnzoo.pallas_kernels.linear_rnn.xla import chunk_aligned_layout, from_chunks, gather_to_layout, to_chunks
 
 OP = "linear_rnn.chunked_recurrence_pallas"
@@ -84,11 +89,13 @@ def _gate_inputs(cfg, g, gk):
     return {}
 
 
-def _forward(kernels, cfg, interpret, q, k, v, g, gk, beta, initial, sequence, starts, last, started):
+def _forward(kernels, cfg, interpret, q, k, v, g, gk, beta, initial, sequence, starts, last, started, reset):
     key_dim, value_dim = q.shape[-1], v.shape[-1]
     arrays = {"q": q, "k": k, "v": v, **_gate_inputs(cfg, g, gk)}
     if beta is not None:
         arrays["beta"] = beta[..., None]
+    if cfg.segments:
+        arrays["reset"] = reset[..., None]  # [B, N, C, 1]
     prepared = kernels.prepare_forward(arrays, cfg, key_dim, value_dim, interpret)
     state_arrays = {"qd": prepared.get("qd", q), "P": prepared["P"], "kend": prepared.get("kend", k),
                     "values": prepared.get("U", v)}
@@ -115,7 +122,7 @@ def _backward(kernels, cfg, interpret, residuals, cotangents):
         summed["U"] = d_writes
     grads = kernels.prepare_backward(arrays, summed, cfg, interpret)
     d_q, d_k = grads["q"], grads["k"]
-    if cfg.gate == "none":  # Q e^G and K e^(G_C - G) are Q and K themselves
+    if not cfg.decays:  # Q e^G and K e^(G_C - G) are Q and K themselves
         d_q, d_k = d_q + summed["qd"], d_k + summed["kend"]
     d_v = grads["v"] if cfg.delta else d_writes
     d_g = d_gk = d_beta = None
@@ -127,7 +134,7 @@ def _backward(kernels, cfg, interpret, residuals, cotangents):
         d_beta = grads["beta"][..., 0]
     # Slots of sequences without a chunk are never written by the kernel.
     d_initial = jnp.where(started[:, None, None] != 0, d_initial, 0.0)
-    return d_q, d_k, d_v, d_g, d_gk, d_beta, d_initial, None, None, None, None
+    return d_q, d_k, d_v, d_g, d_gk, d_beta, d_initial, None, None, None, None, None
 
 
 def _make_core(kernels):
@@ -162,7 +169,7 @@ def _run_gpu(*args, cfg, interpret):
 
 def chunked_recurrence_pallas(
     q, k, v, *, g=None, gk=None, beta=None, scale: float, initial_state=None,
-    output_final_state: bool = False, cu_seqlens=None, chunk_size: int = 64,
+    output_final_state: bool = False, cu_seqlens=None, segment_ids=None, chunk_size: int = 64,
     block_sizes: RecurrentBlockSizes | None = None, interpret=None,
 ):
     """The recurrence of :mod:`.reference` by the chunked engine in Pallas kernels.
@@ -170,12 +177,17 @@ def chunked_recurrence_pallas(
     Arguments and returns as :func:`.xla.chunked_recurrence` (already validated; ``chunk_size``
     a power of two >= 16, shrunk for short inputs), plus ``block_sizes``
     (:class:`RecurrentBlockSizes`) and ``interpret`` (see :mod:`attnzoo.pallas_kernels.common`).
+    ``segment_ids [B, T]`` (not with ``cu_seqlens``) restarts the state at zero before every token
+    whose id differs from the previous one's: the reset flags go into the ``prepare`` kernels,
+    which mask as :func:`.chunk.prepare` does with segments.
     Differentiable in q, k, v, g, gk, beta and initial_state.
     """
     block_sizes = RecurrentBlockSizes() if block_sizes is None else block_sizes
     if not isinstance(block_sizes, RecurrentBlockSizes):
         raise TypeError(f"{OP}: block_sizes must be a RecurrentBlockSizes, got {type(block_sizes).__name__}")
     interpret = common.check_interpret(interpret, OP)
+    if segment_ids is not None and cu_seqlens is not None:
+        raise ValueError(f"{OP}: pass either segment_ids or cu_seqlens, not both")
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     dtype = jnp.promote_types(jnp.result_type(q, k, v), jnp.float32)
@@ -202,6 +214,11 @@ def chunked_recurrence_pallas(
         for i, x in enumerate(inputs)
     ]
     num_chunks = padded // chunk
+    if segment_ids is None:
+        reset = None
+    else:  # [B, N, C]: 1.0 where the state restarts before the token (padded tokens continue)
+        reset = common.pad_axis(segment_restarts(segment_ids).astype(dtype), 1, chunk)
+        reset = reset.reshape(batch, num_chunks, chunk)
 
     def rows(x):  # [B, T', H, ...] -> [B*H, N, C, ...]
         if x is None:
@@ -232,7 +249,7 @@ def chunked_recurrence_pallas(
     gate = "scalar" if g is not None else "channel" if gk is not None else "none"
     cfg = _tpu.Config(
         gate=gate, delta=beta is not None, scale=float(scale), chunk=chunk, subchunk=subchunk,
-        block_v=tpu_bv, heads=heads,
+        block_v=tpu_bv, heads=heads, segments=segment_ids is not None,
     )
     # Row i = b * H + h of chunk n uses state slot sequence[n] * H + i: without packing sequence
     # is 0 and the slot is the row; packed (B == 1) it is the sequence's head h.
@@ -240,7 +257,7 @@ def chunked_recurrence_pallas(
         started = jnp.ones((sequences * heads,), jnp.int32)
     else:
         started = jnp.repeat(layout.last_chunk >= 0, heads).astype(jnp.int32)
-    args = (q_c, k_c, v_c, g_c, gk_c, beta_c, initial_padded, sequence, starts, last, started)
+    args = (q_c, k_c, v_c, g_c, gk_c, beta_c, initial_padded, sequence, starts, last, started, reset)
     out, final = common.run_pallas(
         functools.partial(_run_tpu, cfg=cfg),
         functools.partial(_run_gpu, cfg=dataclasses.replace(cfg, block_v=gpu_bv)),

@@ -10,7 +10,10 @@ Kernels (arrays are ``[BH, N, ...]``: batch*head rows, ``N`` chunks of ``C`` tok
 
 * ``prepare``, grid ``(BH, N)``, parallel: cumulative gates (a matmul with a lower-triangular
   ones matrix), ``Q e^G``, ``K e^(G_C - G)``, ``e^(G_C)``, scores ``P`` and, for the delta rule,
-  ``W`` and ``U'`` through the block-doubling inverse.
+  ``W`` and ``U'`` through the block-doubling inverse. With ``segment_ids`` it also takes the
+  per-token reset flags ``[B, N, C, 1]`` and applies :mod:`.chunk`'s segment masks (gates
+  restarting at resets, same-segment scores, a 0/1 chunk decay without gates); the state
+  kernels are unchanged.
 * ``state`` (the state pass fused with the outputs), grid ``(BH, V/block_v, N)`` with the chunk
   axis sequential: the state ``[K, block_v]`` is carried in scratch; per chunk
   ``U = U' - W S``, ``O = scale (Q e^G S + P U)``, ``S <- e^(G_C) S + (K e^(G_C-G))^T U``.
@@ -48,6 +51,8 @@ class Config:
       chunk: tokens per chunk ``C``; subchunk: sub-chunk of the per-channel scores (divides C).
       block_v: value columns per state block (divides the padded value dim).
       heads: H (sequence ``s`` and head ``h`` use state slot ``s * H + h``).
+      segments: per-token reset flags (``segment_ids``) are a ``prepare`` input: the state restarts
+        at zero before flagged tokens, by masks (see :func:`prepare_math`).
     """
 
     gate: str
@@ -57,6 +62,12 @@ class Config:
     subchunk: int
     block_v: int
     heads: int
+    segments: bool = False
+
+    @property
+    def decays(self) -> bool:
+        """The chunk has a decay ``e^(G_C)`` (gates), or a 0/1 one (segments without gates)."""
+        return self.gate != "none" or self.segments
 
 
 # ------------------------------------------------------------------------------- chunk math
@@ -136,7 +147,7 @@ def unit_lower_inverse(a, dot=_dot):
     return inverse
 
 
-def channel_scores(lefts, b, gamma, stricts, *, subchunk: int, dot=_dot):
+def channel_scores(lefts, b, gamma, stricts, *, subchunk: int, dot=_dot, same=None):
     """``P_ij = sum_c a_ic b_jc e^(G_ic - G_jc)`` for ``j <= i`` (``j < i`` if strict), else 0,
     for each ``a`` of ``lefts`` (with its ``strict`` of ``stricts``), sharing the work on ``b``.
 
@@ -145,6 +156,10 @@ def channel_scores(lefts, b, gamma, stricts, *, subchunk: int, dot=_dot):
     previous sub-chunk (one matmul per sub-chunk, exponents clamped at 0 in the rows and columns
     the block mask drops); diagonal blocks are exact, one key offset ``t`` at a time, the key of
     each row gathered by a one-hot matmul.
+
+    ``same [C, C]`` (bool, or None): only pairs in the same segment are scored. ``gamma`` then
+    restarts at segment starts; a same-segment pair never straddles a start, so its rescaling is
+    exact, and the clamps keep every other pair finite before the mask drops it.
     """
     size = b.shape[0]
     rows, cols = _iota2(size, size)
@@ -156,6 +171,8 @@ def channel_scores(lefts, b, gamma, stricts, *, subchunk: int, dot=_dot):
         b_scaled = b * jnp.exp(jnp.minimum(reference - gamma, 0.0))
         row_scale = jnp.exp(jnp.minimum(gamma - reference, 0.0))
         in_block = (sub_rows == block) & (sub_cols < block)
+        if same is not None:
+            in_block = in_block & same
         for i, a in enumerate(lefts):
             scores[i] = scores[i] + jnp.where(in_block, dot(a * row_scale, b_scaled, NT), 0.0)
     for offset in range(subchunk):
@@ -165,56 +182,92 @@ def channel_scores(lefts, b, gamma, stricts, *, subchunk: int, dot=_dot):
         b_j = dot(select, b) * jnp.exp(jnp.minimum(gamma - gamma_j, 0.0))
         for i, (a, strict) in enumerate(zip(lefts, stricts)):
             visible = rows > cols if strict else rows >= cols
+            if same is not None:
+                visible = visible & same
             column = jnp.sum(a * b_j, axis=1, keepdims=True)
             scores[i] = scores[i] + jnp.where(picks & visible, column, 0.0)
     return scores
 
 
-def prepare_math(x: dict, cfg: Config, dot=_dot) -> dict:
+def segment_masks(reset, rows, cols):
+    """``reset [C, 1]`` (1.0 where the state restarts before the token) -> masks of :class:`.chunk.Segments`:
+    ``(same [C, C], continues [C, 1], reaches_end [C, 1], survives [1, 1])`` (bool)."""
+    size = reset.shape[0]
+    index = jnp.sum(jnp.where(rows >= cols, _transposed(reset, rows, cols), 0.0), axis=1, keepdims=True)
+    last = _row(index, size - 1)  # [1, 1]: the chunk's last segment number
+    same = index == _transposed(index, rows, cols)  # small integers: exact in any float dtype
+    return same, index == 0.0, index == last, last == 0.0
+
+
+def prepare_math(x: dict, cfg: Config, dot=_dot, reset=None) -> dict:
     """Stage 1 of :mod:`.chunk` for one chunk, on 2-D tiles.
 
     Args:
       x: ``q, k [C, K]``; ``v [C, V]`` (delta rule); gates ``g [C, 1]`` (scalar log-decays) or
         ``gk [C, K]``; ``beta [C, 1]``.
       dot: the matmul (the backward kernel passes one with a transpose-free VJP).
+      reset: ``[C, 1]`` 0/1 (with ``cfg.segments``): the state restarts at zero before the token.
+        As :func:`.chunk.prepare` with ``segments``: the cumulative gates restart at each reset,
+        ``P`` and the delta-rule interactions keep same-segment pairs only, ``Q e^G`` and the keys
+        reading the incoming state are zero after a reset, ``K e^(G_C - G)`` is zero before the
+        last one and the chunk decay is zero (a 0/1 decay without gates) if the chunk has one.
 
     Returns a dict: ``qd = Q e^G``, ``kend = K e^(G_C - G)`` ``[C, K]`` and ``decay = e^(G_C)``
-    (``[1, K]`` or ``[1, 1]``) when gated; ``P [C, C]``; ``W [C, K]`` and ``U = U' [C, V]`` with
-    the delta rule.
+    (``[1, K]`` or ``[1, 1]``) when gated (or with segments); ``P [C, C]``; ``W [C, K]`` and
+    ``U = U' [C, V]`` with the delta rule.
     """
     q, k = x["q"], x["k"]
     size = q.shape[0]
     rows, cols = _iota2(size, size)
     out = {}
     lefts, stricts = ([q, k], [False, True]) if cfg.delta else ([q], [False])
+    same = None
+    if cfg.segments:
+        same, continues, reaches_end, survives = segment_masks(reset, rows, cols)
+    causal = rows >= cols if same is None else (rows >= cols) & same  # gates sum within the segment
     if cfg.gate == "scalar":
         g_row = _transposed(x["g"], rows, cols)  # [1, C]
-        gamma = jnp.sum(jnp.where(rows >= cols, g_row, 0.0), axis=1, keepdims=True)  # [C, 1]
+        gamma = jnp.sum(jnp.where(causal, g_row, 0.0), axis=1, keepdims=True)  # [C, 1]
         gamma_row = _transposed(gamma, rows, cols)  # the same values: G_i - G_i is exactly 0
         last = _row(gamma, size - 1)  # [1, 1]
         gap = gamma - gamma_row
         scores = []
         for a, strict in zip(lefts, stricts):
             visible = rows > cols if strict else rows >= cols
+            if same is not None:
+                visible = visible & same
             raw = dot(a, k, NT) * jnp.exp(jnp.where(visible, gap, 0.0))
             scores.append(jnp.where(visible, raw, 0.0))
     elif cfg.gate == "channel":
-        gamma = dot(jnp.where(rows >= cols, 1.0, 0.0).astype(q.dtype), x["gk"])  # [C, K]
+        gamma = dot(jnp.where(causal, 1.0, 0.0).astype(q.dtype), x["gk"])  # [C, K]
         last = _row(gamma, size - 1)  # [1, K]
-        scores = channel_scores(lefts, k, gamma, stricts, subchunk=cfg.subchunk, dot=dot)
+        scores = channel_scores(lefts, k, gamma, stricts, subchunk=cfg.subchunk, dot=dot, same=same)
     else:
         scores = []
         for a, strict in zip(lefts, stricts):
             visible = rows > cols if strict else rows >= cols
+            if same is not None:
+                visible = visible & same
             scores.append(jnp.where(visible, dot(a, k, NT), 0.0))
 
     k_seen = k
     if cfg.gate != "none":
         decay = jnp.exp(gamma)
         out["qd"] = q * decay
-        out["kend"] = k * jnp.exp(last - gamma)
+        to_end = last - gamma
+        if same is not None:  # positive before the last reset: zeroed there before the exp
+            to_end = jnp.where(reaches_end, to_end, 0.0)
+        out["kend"] = k * jnp.exp(to_end)
         out["decay"] = jnp.exp(last)
         k_seen = k * decay
+    elif same is not None:
+        out["qd"], out["kend"] = q, k
+        out["decay"] = jnp.ones((1, 1), q.dtype)
+    if same is not None:
+        out["qd"] = jnp.where(continues, out["qd"], 0.0)
+        out["kend"] = jnp.where(reaches_end, out["kend"], 0.0)
+        out["decay"] = jnp.where(survives, out["decay"], 0.0)
+        k_seen = jnp.where(continues, k_seen, 0.0)
     out["P"] = scores[0]
     if cfg.delta:
         beta = x["beta"]
@@ -237,11 +290,16 @@ def prepare_inputs(cfg: Config) -> tuple[str, ...]:
 
 def prepare_outputs(cfg: Config) -> tuple[str, ...]:
     """Names of :func:`prepare_math`'s outputs, in kernel order."""
-    names = ["qd", "kend", "decay"] if cfg.gate != "none" else []
+    names = ["qd", "kend", "decay"] if cfg.decays else []  # Q e^G, K e^(G_C-G) differ from Q, K
     names.append("P")
     if cfg.delta:
         names += ["W", "U"]
     return tuple(names)
+
+
+def prepare_extras(cfg: Config) -> tuple[str, ...]:
+    """Non-differentiable ``prepare`` inputs after :func:`prepare_inputs`: ``reset [C, 1]`` with segments."""
+    return ("reset",) if cfg.segments else ()
 
 
 def output_shape(name: str, cfg: Config, key_dim: int, value_dim: int) -> tuple[int, int]:
@@ -253,24 +311,28 @@ def output_shape(name: str, cfg: Config, key_dim: int, value_dim: int) -> tuple[
 
 
 def prepare_kernel(*refs, cfg: Config):
-    """Forward ``prepare`` body: refs are the inputs then the outputs, in the orders above."""
+    """Forward ``prepare`` body: refs are the inputs, the extras, then the outputs, in the orders above."""
     inputs, outputs = prepare_inputs(cfg), prepare_outputs(cfg)
+    n_in = len(inputs) + len(prepare_extras(cfg))
     x = {name: ref[...] for name, ref in zip(inputs, refs)}
-    out = prepare_math(x, cfg)
-    for name, ref in zip(outputs, refs[len(inputs):]):
+    reset = refs[len(inputs)][...] if cfg.segments else None
+    out = prepare_math(x, cfg, reset=reset)
+    for name, ref in zip(outputs, refs[n_in:]):
         ref[...] = out[name].astype(ref.dtype)
 
 
 def prepare_backward_kernel(*refs, cfg: Config):
-    """``prepare`` backward body: refs are the inputs, the outputs' cotangents, then the inputs'
-    cotangents. ``jax.vjp`` of :func:`prepare_math` runs inside the kernel."""
+    """``prepare`` backward body: refs are the inputs, the extras, the outputs' cotangents, then the
+    inputs' cotangents. ``jax.vjp`` of :func:`prepare_math` runs inside the kernel."""
     inputs, outputs = prepare_inputs(cfg), prepare_outputs(cfg)
-    n_in, n_out = len(inputs), len(outputs)
-    x = [ref[...] for ref in refs[:n_in]]
+    n_x, n_out = len(inputs), len(outputs)
+    n_in = n_x + len(prepare_extras(cfg))
+    x = [ref[...] for ref in refs[:n_x]]
+    reset = refs[n_x][...] if cfg.segments else None
     cotangents = tuple(ref[...] for ref in refs[n_in:n_in + n_out])
 
     def forward(*values):
-        out = prepare_math(dict(zip(inputs, values)), cfg, dot=_dot_for_vjp)
+        out = prepare_math(dict(zip(inputs, values)), cfg, dot=_dot_for_vjp, reset=reset)
         return tuple(out[name] for name in outputs)
 
     _, vjp = jax.vjp(forward, *x)
@@ -298,7 +360,7 @@ def state_backward_step(grad_state, d_out, state, qd, scores, kend, decay, w, wr
 
     ``grad_state`` is ``dL/dS`` after the chunk. Returns ``(dL/dS before the chunk, dU, partials)``
     with partials ``dqd, dP, dkend, ddecay, dW`` (value-dim sums of this value block; ddecay
-    ``[K, 1]`` or ``[1, 1]``, None without gates; dW None without the delta rule).
+    ``[K, 1]`` or ``[1, 1]``, None without a chunk decay; dW None without the delta rule).
     """
     d_writes = cfg.scale * _dot(scores, d_out, TN) + _dot(kend, grad_state)
     grad_before = _decayed(grad_state, decay) + cfg.scale * _dot(qd, d_out, TN)
@@ -308,9 +370,9 @@ def state_backward_step(grad_state, d_out, state, qd, scores, kend, decay, w, wr
     d_scores = cfg.scale * _dot(d_out, writes, NT)
     d_kend = _dot(writes, grad_state, NT)
     d_decay = None
-    if cfg.gate != "none":
+    if cfg.decays:
         d_decay = jnp.sum(state * grad_state, axis=1, keepdims=True)  # [K, 1]
-        if cfg.gate == "scalar":
+        if cfg.gate != "channel":
             d_decay = jnp.sum(d_decay, axis=0, keepdims=True)  # [1, 1]
     d_w = -_dot(d_writes, state, NT) if cfg.delta else None
     return grad_before, d_writes, (d_qd, d_scores, d_kend, d_decay, d_w)
@@ -319,7 +381,7 @@ def state_backward_step(grad_state, d_out, state, qd, scores, kend, decay, w, wr
 def state_inputs(cfg: Config) -> tuple[str, ...]:
     """Per-chunk inputs of the state kernels: ``qd, P, kend, [decay (column)], [W], values``."""
     names = ["qd", "P", "kend"]
-    if cfg.gate != "none":
+    if cfg.decays:
         names.append("decay")
     if cfg.delta:
         names.append("W")
@@ -338,22 +400,37 @@ def _chunk_spec(shape):
     return pl.BlockSpec((None, None) + tuple(shape), lambda i, n: (i, n, 0, 0))
 
 
+def prepare_in_specs(arrays: dict, cfg: Config, chunk_spec):
+    """Block specs of the ``prepare`` inputs and extras (``reset`` is ``[B, N, C, 1]``, per batch row)."""
+    specs = [chunk_spec(arrays[name].shape[2:]) for name in prepare_inputs(cfg)]
+    if cfg.segments:
+        reset_shape = arrays["reset"].shape[2:]
+        batch_row = lambda i, n: (jax.lax.div(i, jnp.int32(cfg.heads)), n, 0, 0)  # noqa: E731  (not //: Mosaic)
+        specs.append(pl.BlockSpec((None, None) + tuple(reset_shape), batch_row))
+    return specs
+
+
+def prepare_operands(arrays: dict, cfg: Config):
+    return [arrays[name] for name in prepare_inputs(cfg) + prepare_extras(cfg)]
+
+
 def prepare_forward(arrays: dict, cfg: Config, key_dim: int, value_dim: int, interpret):
-    """Runs ``prepare`` on ``[BH, N, a, b]`` arrays; returns a dict of ``[BH, N, a, b]`` arrays."""
-    inputs, outputs = prepare_inputs(cfg), prepare_outputs(cfg)
+    """Runs ``prepare`` on ``[BH, N, a, b]`` arrays (``reset`` ``[B, N, C, 1]``); returns a dict of
+    ``[BH, N, a, b]`` arrays."""
+    outputs = prepare_outputs(cfg)
     rows, chunks = arrays["q"].shape[:2]
     dtype = arrays["q"].dtype
     out_shapes = [output_shape(name, cfg, key_dim, value_dim) for name in outputs]
     results = pl.pallas_call(
         functools.partial(prepare_kernel, cfg=cfg),
         grid=(rows, chunks),
-        in_specs=[_chunk_spec(arrays[name].shape[2:]) for name in inputs],
+        in_specs=prepare_in_specs(arrays, cfg, _chunk_spec),
         out_specs=[_chunk_spec(shape) for shape in out_shapes],
         out_shape=[jax.ShapeDtypeStruct((rows, chunks) + shape, dtype) for shape in out_shapes],
         compiler_params=_params(("parallel", "parallel")),
         interpret=interpret,
         name="attnzoo_linear_rnn_prepare",
-    )(*[arrays[name] for name in inputs])
+    )(*prepare_operands(arrays, cfg))
     return dict(zip(outputs, results))
 
 
@@ -364,14 +441,14 @@ def prepare_backward(arrays: dict, cotangents: dict, cfg: Config, interpret):
     results = pl.pallas_call(
         functools.partial(prepare_backward_kernel, cfg=cfg),
         grid=(rows, chunks),
-        in_specs=[_chunk_spec(arrays[name].shape[2:]) for name in inputs]
+        in_specs=prepare_in_specs(arrays, cfg, _chunk_spec)
         + [_chunk_spec(cotangents[name].shape[2:]) for name in outputs],
         out_specs=[_chunk_spec(arrays[name].shape[2:]) for name in inputs],
         out_shape=[jax.ShapeDtypeStruct(arrays[name].shape, arrays[name].dtype) for name in inputs],
         compiler_params=_params(("parallel", "parallel")),
         interpret=interpret,
         name="attnzoo_linear_rnn_prepare_bwd",
-    )(*[arrays[name] for name in inputs], *[cotangents[name] for name in outputs])
+    )(*prepare_operands(arrays, cfg), *[cotangents[name] for name in outputs])
     return dict(zip(inputs, results))
 
 
@@ -380,7 +457,7 @@ def _unpack(cfg: Config, refs):
     refs = list(refs)
     qd, scores, kend = refs[:3]
     del refs[:3]
-    decay = refs.pop(0) if cfg.gate != "none" else None
+    decay = refs.pop(0) if cfg.decays else None
     w = refs.pop(0) if cfg.delta else None
     return qd, scores, kend, decay, w, refs
 
@@ -480,7 +557,7 @@ def _state_backward_kernel(sequence_ref, starts_ref, last_ref, *refs, cfg: Confi
     refs = refs[4:]
     d_qd_ref, d_scores_ref, d_kend_ref = refs[:3]
     refs = refs[3:]
-    d_decay_ref = refs.pop(0) if cfg.gate != "none" else None
+    d_decay_ref = refs.pop(0) if cfg.decays else None
     d_w_ref = refs.pop(0) if cfg.delta else None
     d_writes_ref, d_initial_ref, carry = refs
     step = pl.program_id(2)
