@@ -175,8 +175,10 @@ def test_cu_seqlens_equals_per_sequence_runs(op):
             assert_close(final[index : index + 1], alone_final, f"final state of sequence {index}", dtype=jnp.float64)
 
 
-def test_cu_seqlens_traced_under_jit_and_gradients():
-    op = "kda"
+@pytest.mark.parametrize("op", ["kda", "simple_gla", "linear_attention"])
+def test_cu_seqlens_traced_under_jit_and_gradients(op):
+    """Packed sequences under jit: every gradient, initial states included (per-channel delta rule,
+    scalar decay, no decay)."""
     offsets = jnp.asarray([0, 20, 21, 70], jnp.int32)
     with float64():
         args, states = make_inputs(op, 4, 1, 70, 2, 5, 4, sequences=3)
@@ -392,3 +394,71 @@ def test_pallas_dispatch_of_segment_ids_and_block_sizes():
         pk.gla(*args, impl="xla", block_sizes=pk.RecurrentBlockSizes())
     with pytest.raises(TypeError, match="block_sizes must be a RecurrentBlockSizes"):
         pk.gla(*args, impl="pallas", block_sizes=(16, 8))
+
+
+# ------------------------------------------------------------ hand-written gradients of the engine
+
+
+def _plain_state_pass(k_to_end, chunk_decay, w, values, initial, sequence, starts):
+    """The state pass by a plain Python loop over chunks, for autodiff (no custom VJP)."""
+    state = initial if sequence is None else initial[:1]
+    states, writes = [], []
+    for n in range(values.shape[2]):
+        if sequence is not None:
+            state = jnp.where(starts[n], initial[sequence[n]][None], state)
+        states.append(state)
+        u = values[:, :, n] - (0.0 if w is None else w[:, :, n] @ state)
+        writes.append(u)
+        decay = chunk_decay[:, :, n]
+        state = state * (decay[..., None, None] if decay.ndim == 2 else decay[..., None])
+        state = state + jnp.swapaxes(k_to_end[:, :, n], -1, -2) @ u
+    return jnp.stack(states, 2), jnp.stack(writes, 2), state
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_engine_custom_gradients_equal_autodiff(seed):
+    """scale_rows, pair_decays, solve_unit_lower and the state pass (scalar and per-channel decay,
+    delta and plain, packed sequences) have hand-written backwards: each equals autodiff of the
+    plain formula in float64, for every differentiable input."""
+    from attnzoo.pallas_kernels.linear_rnn import chunk
+
+    rng = np.random.default_rng(seed)
+    with float64():
+        normal = lambda *shape: jnp.asarray(rng.standard_normal(shape))  # noqa: E731
+        x, s = normal(2, 3, 5, 7), normal(2, 3, 5)
+        assert_grads_close(chunk.scale_rows, lambda x, s: x * s[..., None], (x, s), argnums=(0, 1),
+                           dtype=jnp.float64, names=("x", "s"))
+
+        gates = jnp.cumsum(-jnp.abs(normal(2, 3, 9)), -1)
+        rows, cols = np.indices((9, 9))
+        keep = jnp.asarray((rows >= cols) & (rng.random((2, 1, 9, 9)) < 0.7))
+
+        def plain_pair_decays(g):
+            return jnp.exp(jnp.where(keep, g[..., :, None] - g[..., None, :], 0.0))
+
+        assert_grads_close(lambda g: chunk.pair_decays(g, keep), plain_pair_decays, (gates,), argnums=(0,),
+                           dtype=jnp.float64, names=("gates",))
+
+        a = jnp.tril(normal(2, 8, 8), -1) * 0.3
+        rhs = normal(2, 8, 5)
+        assert_grads_close(chunk.solve_unit_lower, lambda a, r: jnp.linalg.solve(jnp.eye(8) + jnp.tril(a, -1), r), (a, rhs),
+                           argnums=(0, 1), dtype=jnp.float64, names=("a", "rhs"))
+
+        b, h, n, c, kd, vd = 1, 2, 5, 4, 3, 6
+        sequence, starts = jnp.asarray([0, 0, 1, 2, 2]), jnp.asarray([True, False, True, True, False])
+        for decay_shape, delta, packed in [((b, h, n), True, False), ((b, h, n, kd), True, True),
+                                           ((b, h, n), False, True), ((b, h, n, kd), False, False)]:
+            args = [normal(b, h, n, c, kd), jnp.exp(-jnp.abs(normal(*decay_shape))),
+                    normal(b, h, n, c, kd) if delta else None, normal(b, h, n, c, vd),
+                    normal(3 if packed else b, h, kd, vd)]
+            resets = (sequence, starts) if packed else (None, None)
+            names = ("k_to_end", "chunk_decay", "w", "values", "initial")
+            argnums = tuple(i for i, arg in enumerate(args) if arg is not None)
+
+            def engine(*xs):
+                prepared = chunk.Prepared(None, None, xs[0], xs[1], xs[2], xs[3])
+                states, writes, final = chunk.state_pass(prepared, xs[4], None if resets[0] is None else resets)
+                return states, writes, final
+
+            assert_grads_close(engine, lambda *xs: _plain_state_pass(*xs, *resets), args, argnums=argnums,
+                               dtype=jnp.float64, names=[names[i] for i in argnums])

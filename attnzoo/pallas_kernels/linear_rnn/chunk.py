@@ -40,21 +40,21 @@ class Gates:
     def empty(self) -> bool:
         return self.scalar is None and self.channel is None
 
-    def factor(self):
-        """``e^G`` broadcastable against ``[B,H,N,C,K]``, or None."""
+    def decayed(self, x):
+        """``x * e^G`` (each token decayed back to the chunk start), ``x [B,H,N,C,K]``."""
         if self.scalar is not None:
-            return jnp.exp(self.scalar)[..., None]
+            return scale_rows(x, jnp.exp(self.scalar))
         if self.channel is not None:
-            return jnp.exp(self.channel)
-        return None
+            return x * jnp.exp(self.channel)
+        return x
 
-    def factor_to_end(self):
-        """``e^(G_C - G)`` (decay from each token to the chunk's end), like :meth:`factor`."""
+    def decayed_to_end(self, x):
+        """``x * e^(G_C - G)`` (each token decayed to the chunk's end), ``x [B,H,N,C,K]``."""
         if self.scalar is not None:
-            return jnp.exp(self.scalar[..., -1:] - self.scalar)[..., None]
+            return scale_rows(x, jnp.exp(self.scalar[..., -1:] - self.scalar))
         if self.channel is not None:
-            return jnp.exp(self.channel[..., -1:, :] - self.channel)
-        return None
+            return x * jnp.exp(self.channel[..., -1:, :] - self.channel)
+        return x
 
     def last(self):
         """``G_C``, the whole chunk's log-decay: ``[B,H,N]`` or ``[B,H,N,K]``, or None."""
@@ -69,6 +69,53 @@ def _iota2(rows: int, cols: int):
     """Row and column indices of a ``[rows, cols]`` grid (iota, so usable inside kernels)."""
     shape = (rows, cols)
     return jax.lax.broadcasted_iota(jnp.int32, shape, 0), jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+
+
+# XLA:CPU runs a reduction fused with the elementwise product feeding it (``sum(x * y, -1)``, what
+# autodiff makes of a broadcast multiply) about 40x slower than the same contraction as a
+# dot_general, so the two products whose gradients are such reductions have einsum backwards.
+
+
+@jax.custom_vjp
+def scale_rows(x: jax.Array, s: jax.Array) -> jax.Array:
+    """``x * s[..., None]``: row ``r`` of ``x [..., R, K]`` scaled by ``s [..., R]``."""
+    return x * s[..., None]
+
+
+def _scale_rows_forward(x, s):
+    return x * s[..., None], (x, s)
+
+
+def _scale_rows_backward(residuals, d_out):
+    x, s = residuals
+    return d_out * s[..., None], jnp.einsum("...rk,...rk->...r", d_out, x)
+
+
+scale_rows.defvjp(_scale_rows_forward, _scale_rows_backward)
+
+
+@jax.custom_vjp
+def pair_decays(gates: jax.Array, keep: jax.Array) -> jax.Array:
+    """``D_ij = e^(G_i - G_j)`` where ``keep`` (bool, broadcastable to ``[..., C, C]``), else 1.
+
+    ``gates [..., C]`` cumulative log-decays; the pairs not kept get no gradient.
+    """
+    return jnp.exp(jnp.where(keep, gates[..., :, None] - gates[..., None, :], 0.0))
+
+
+def _pair_decays_forward(gates, keep):
+    decays = pair_decays(gates, keep)
+    return decays, (decays, keep)
+
+
+def _pair_decays_backward(residuals, d_decays):
+    decays, keep = residuals
+    kept = jnp.where(keep, d_decays, 0.0)
+    d_gates = jnp.einsum("...ij,...ij->...i", kept, decays) - jnp.einsum("...ij,...ij->...j", kept, decays)
+    return d_gates, None
+
+
+pair_decays.defvjp(_pair_decays_forward, _pair_decays_backward)
 
 
 def unit_lower_inverse(a: jax.Array) -> jax.Array:
@@ -160,8 +207,9 @@ def chunk_scores(lefts, b, gates: Gates, *, stricts, same_segment=None):
         (queries and keys share the decay factors). gates: cumulative log-decays of the chunk.
       stricts: one bool per ``a``: exclude the diagonal.
       same_segment: ``[B,1,N,C,C]`` bool or None; pairs in different segments are 0. Gates then
-        restart at segment starts, so rescaling exponents across a start may be positive: they
-        are clamped to 0, which only touches pairs the mask removes.
+        restart at segment starts, so exponents across a start may be positive: scalar gates
+        skip those pairs' exponents, per-channel rescalings are clamped to 0 (both only touch
+        pairs the mask removes).
 
     Returns a tuple of ``[B,H,N,C,C]``, one per ``a``.
 
@@ -178,8 +226,7 @@ def chunk_scores(lefts, b, gates: Gates, *, stricts, same_segment=None):
     if gates.channel is None:
         decay = None
         if gates.scalar is not None:
-            gap = gates.scalar[..., :, None] - gates.scalar[..., None, :]
-            decay = jnp.exp(jnp.where(rows >= cols, jnp.minimum(gap, 0.0) if same_segment is not None else gap, 0.0))
+            decay = pair_decays(gates.scalar, rows >= cols if same_segment is None else (rows >= cols) & same_segment)
         outs = []
         for a, visible in zip(lefts, visibles):
             scores = jnp.einsum("...ik,...jk->...ij", a, b)
@@ -282,17 +329,16 @@ def prepare(q, k, v, gates: Gates, beta, *, segments: Segments | None = None) ->
 
     With ``segments`` the gates must restart at each segment (:func:`restart_gates`).
     """
-    decay = gates.factor()
     last = gates.last()
-    q_decayed = q if decay is None else q * decay
-    k_to_end = k if last is None else k * gates.factor_to_end()
+    q_decayed = gates.decayed(q)
+    k_to_end = gates.decayed_to_end(k)
     same = None if segments is None else segments.same
     if beta is None:
         (scores,) = chunk_scores((q,), k, gates, stricts=(False,), same_segment=same)
     else:
         scores, interactions = chunk_scores((q, k), k, gates, stricts=(False, True), same_segment=same)
     chunk_decay = None if last is None else jnp.exp(last)
-    k_seen = k if decay is None else k * decay  # keys decayed back to the chunk start: read S0
+    k_seen = gates.decayed(k)  # keys decayed back to the chunk start: read S0
     if segments is not None:
         q_decayed = jnp.where(segments.continues[..., None], q_decayed, 0.0)
         k_to_end = jnp.where(segments.reaches_end[..., None], k_to_end, 0.0)
@@ -307,10 +353,19 @@ def prepare(q, k, v, gates: Gates, beta, *, segments: Segments | None = None) ->
     if beta is None:
         return Prepared(q_decayed, scores, k_to_end, chunk_decay, None, v)
     key_dim = k.shape[-1]
-    rhs = jnp.concatenate([k_seen, v], axis=-1) * beta[..., None]
-    solved = solve_unit_lower(beta[..., None] * interactions, rhs)
+    rhs = scale_rows(jnp.concatenate([k_seen, v], axis=-1), beta)
+    solved = solve_unit_lower(scale_rows(interactions, beta), rhs)
     w, values = solved[..., :key_dim], solved[..., key_dim:]
     return Prepared(q_decayed, scores, k_to_end, chunk_decay, w, values)
+
+
+def _decayed(state, chunk_decay):
+    """``e^(G_C) * S`` for a state ``[..., K, V]`` and a decay ``[...]``, ``[..., K]`` or None."""
+    if chunk_decay is None:
+        return state
+    if chunk_decay.ndim == state.ndim - 2:
+        return state * chunk_decay[..., None, None]
+    return state * chunk_decay[..., None]
 
 
 def state_pass(prepared: Prepared, initial, resets=None):
@@ -324,40 +379,81 @@ def state_pass(prepared: Prepared, initial, resets=None):
         sequence ``sequence[n]`` and, where ``starts[n]``, begins it with that sequence's state.
 
     Returns ``(states [B,H,N,K,V] entering each chunk, writes U [B,H,N,C,V], final [B,H,K,V])``.
+
+    Differentiable in every array of ``prepared`` and ``initial`` by a hand-written reverse pass
+    (:func:`_state_pass_backward`): only the two products that carry the state gradient from
+    chunk to chunk run inside the reverse loop; the weight gradients are batched matmuls after it.
     """
-    delta = prepared.w is not None
-    time_major = lambda x: None if x is None else jnp.moveaxis(x, 2, 0)  # noqa: E731
-    xs = tuple(time_major(x) for x in (prepared.k_to_end, prepared.chunk_decay, prepared.w, prepared.values))
+    sequence, starts = (None, None) if resets is None else resets
+    states, writes, final = _state_pass(
+        prepared.k_to_end, prepared.chunk_decay, prepared.w, prepared.values, initial, sequence, starts
+    )
+    return states, (prepared.values if writes is None else writes), final
 
-    def advance(state, k_to_end, chunk_decay, w, values):
-        writes = values - w @ state if delta else values
-        if chunk_decay is None:
-            decayed = state
-        elif chunk_decay.ndim == state.ndim - 2:
-            decayed = state * chunk_decay[..., None, None]
-        else:
-            decayed = state * chunk_decay[..., None]
-        return decayed + jnp.swapaxes(k_to_end, -1, -2) @ writes, writes
 
-    if resets is None:
-        def step(state, inputs):
-            new_state, writes = advance(state, *inputs)
-            return new_state, (state, writes if delta else None)
+def _time_major(x):
+    return None if x is None else jnp.moveaxis(x, 2, 0)
 
-        final, (states, writes) = jax.lax.scan(step, initial, xs)
-    else:
-        sequence, starts = resets
 
-        def step(state, inputs):
-            chunk_inputs, index, start = inputs
+def _state_pass_forward(k_to_end, chunk_decay, w, values, initial, sequence, starts):
+    delta = w is not None
+
+    def step(state, inputs):
+        k_end, decay, w_n, values_n, index, start = inputs
+        if index is not None:
             state = jnp.where(start, initial[index][None], state)
-            new_state, writes = advance(state, *chunk_inputs)
-            return new_state, (state, writes if delta else None)
+        writes = values_n - w_n @ state if delta else values_n
+        new_state = _decayed(state, decay) + jnp.swapaxes(k_end, -1, -2) @ writes
+        return new_state, (state, writes if delta else None)
 
-        final, (states, writes) = jax.lax.scan(step, initial[:1], (xs, sequence, starts))
+    xs = tuple(_time_major(x) for x in (k_to_end, chunk_decay, w, values)) + (sequence, starts)
+    first = initial if sequence is None else initial[:1]
+    final, (states, writes) = jax.lax.scan(step, first, xs)
     states = jnp.moveaxis(states, 0, 2)
-    writes = prepared.values if writes is None else jnp.moveaxis(writes, 0, 2)
-    return states, writes, final
+    writes = None if writes is None else jnp.moveaxis(writes, 0, 2)
+    return (states, writes, final), (k_to_end, chunk_decay, w, values, initial, sequence, starts, states, writes)
+
+
+def _state_pass_backward(residuals, cotangents):
+    k_to_end, chunk_decay, w, values, initial, sequence, starts, states, writes = residuals
+    d_states, d_writes, d_final = cotangents
+    delta = w is not None
+    packed = sequence is not None
+
+    def step(d_next, inputs):  # d_next: gradient of the state leaving the chunk
+        k_end, decay, w_n, d_state_n, d_writes_n, start = inputs
+        d_u = k_end @ d_next if d_writes_n is None else d_writes_n + k_end @ d_next
+        d_state = d_state_n + _decayed(d_next, decay)
+        if delta:
+            d_state = d_state - jnp.swapaxes(w_n, -1, -2) @ d_u
+        if not packed:
+            return d_state, (d_next, d_u, None)
+        return jnp.where(start, 0.0, d_state), (d_next, d_u, jnp.where(start, d_state, 0.0))
+
+    xs = tuple(_time_major(x) for x in (k_to_end, chunk_decay, w, d_states, d_writes if delta else None))
+    d_first, (d_next, d_u, d_restarts) = jax.lax.scan(step, d_final, xs + (starts,), reverse=True)
+    d_next, d_u = jnp.moveaxis(d_next, 0, 2), jnp.moveaxis(d_u, 0, 2)  # [B,H,N,K,V], [B,H,N,C,V]
+    written = writes if delta else values
+    d_k_to_end = written @ jnp.swapaxes(d_next, -1, -2)
+    d_w = -(d_u @ jnp.swapaxes(states, -1, -2)) if delta else None
+    d_decay = None
+    if chunk_decay is not None:
+        scalar = chunk_decay.ndim == states.ndim - 2
+        d_decay = jnp.einsum("...kv,...kv->..." if scalar else "...kv,...kv->...k", states, d_next)
+    if packed:
+        d_initial = jax.ops.segment_sum(d_restarts[:, 0], sequence, num_segments=initial.shape[0])
+        d_initial = d_initial.at[0].add(d_first[0])
+    else:
+        d_initial = d_first
+    return d_k_to_end, d_decay, d_w, d_u, d_initial, None, None
+
+
+@jax.custom_vjp
+def _state_pass(k_to_end, chunk_decay, w, values, initial, sequence, starts):
+    return _state_pass_forward(k_to_end, chunk_decay, w, values, initial, sequence, starts)[0]
+
+
+_state_pass.defvjp(_state_pass_forward, _state_pass_backward)
 
 
 def outputs(prepared: Prepared, states, writes, scale: float):
@@ -367,11 +463,4 @@ def outputs(prepared: Prepared, states, writes, scale: float):
 
 def chunk_end_states(prepared: Prepared, states, writes):
     """The state after each chunk, ``[B,H,N,K,V]`` (recomputed from the state entering it)."""
-    decay = prepared.chunk_decay
-    if decay is None:
-        decayed = states
-    elif decay.ndim == states.ndim - 2:
-        decayed = states * decay[..., None, None]
-    else:
-        decayed = states * decay[..., None]
-    return decayed + jnp.swapaxes(prepared.k_to_end, -1, -2) @ writes
+    return _decayed(states, prepared.chunk_decay) + jnp.swapaxes(prepared.k_to_end, -1, -2) @ writes
