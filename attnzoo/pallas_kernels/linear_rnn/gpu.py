@@ -19,16 +19,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attnzoo.pallas_kernels.common import pad_axis
+from attnzoo.pallas_kernels.linear_rnn import tpu as _tpu
 from attnzoo.pallas_kernels.linear_rnn.tpu import (
     Config,
     _unpack,
-    output_shape,
-    prepare_backward_kernel,
-    prepare_in_specs,
-    prepare_inputs,
-    prepare_kernel,
-    prepare_operands,
-    prepare_outputs,
     state_backward_step,
     state_inputs,
     state_step,
@@ -43,45 +37,16 @@ def _pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def _chunk_spec(shape):
-    return pl.BlockSpec((None, None) + tuple(shape), lambda i, n: (i, n, 0, 0))
-
-
 def prepare_forward(arrays: dict, cfg: Config, key_dim: int, value_dim: int, interpret):
-    """As :func:`.tpu.prepare_forward`."""
-    outputs = prepare_outputs(cfg)
-    rows, chunks = arrays["q"].shape[:2]
-    dtype = arrays["q"].dtype
-    out_shapes = [output_shape(name, cfg, key_dim, value_dim) for name in outputs]
-    results = pl.pallas_call(
-        functools.partial(prepare_kernel, cfg=cfg),
-        grid=(rows, chunks),
-        in_specs=prepare_in_specs(arrays, cfg, _chunk_spec),
-        out_specs=[_chunk_spec(shape) for shape in out_shapes],
-        out_shape=[jax.ShapeDtypeStruct((rows, chunks) + shape, dtype) for shape in out_shapes],
-        compiler_params=_params(),
-        interpret=interpret,
-        name="attnzoo_linear_rnn_prepare_gpu",
-    )(*prepare_operands(arrays, cfg))
-    return dict(zip(outputs, results))
+    """:func:`.tpu.prepare_forward` under Triton (the per-chunk kernel is the same)."""
+    return _tpu.prepare_forward(arrays, cfg, key_dim, value_dim, interpret, compiler_params=_params(),
+                                name="attnzoo_linear_rnn_prepare_gpu")
 
 
 def prepare_backward(arrays: dict, cotangents: dict, cfg: Config, interpret):
-    """As :func:`.tpu.prepare_backward`."""
-    inputs, outputs = prepare_inputs(cfg), prepare_outputs(cfg)
-    rows, chunks = arrays["q"].shape[:2]
-    results = pl.pallas_call(
-        functools.partial(prepare_backward_kernel, cfg=cfg),
-        grid=(rows, chunks),
-        in_specs=prepare_in_specs(arrays, cfg, _chunk_spec)
-        + [_chunk_spec(cotangents[name].shape[2:]) for name in outputs],
-        out_specs=[_chunk_spec(arrays[name].shape[2:]) for name in inputs],
-        out_shape=[jax.ShapeDtypeStruct(arrays[name].shape, arrays[name].dtype) for name in inputs],
-        compiler_params=_params(),
-        interpret=interpret,
-        name="attnzoo_linear_rnn_prepare_bwd_gpu",
-    )(*prepare_operands(arrays, cfg), *[cotangents[name] for name in outputs])
-    return dict(zip(inputs, results))
+    """:func:`.tpu.prepare_backward` under Triton."""
+    return _tpu.prepare_backward(arrays, cotangents, cfg, interpret, compiler_params=_params(),
+                                 name="attnzoo_linear_rnn_prepare_bwd_gpu")
 
 
 def _flags(*arrays):

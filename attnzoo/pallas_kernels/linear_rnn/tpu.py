@@ -414,9 +414,11 @@ def prepare_operands(arrays: dict, cfg: Config):
     return [arrays[name] for name in prepare_inputs(cfg) + prepare_extras(cfg)]
 
 
-def prepare_forward(arrays: dict, cfg: Config, key_dim: int, value_dim: int, interpret):
+def prepare_forward(arrays: dict, cfg: Config, key_dim: int, value_dim: int, interpret, *,
+                    compiler_params=None, name: str = "attnzoo_linear_rnn_prepare"):
     """Runs ``prepare`` on ``[BH, N, a, b]`` arrays (``reset`` ``[B, N, C, 1]``); returns a dict of
-    ``[BH, N, a, b]`` arrays."""
+    ``[BH, N, a, b]`` arrays. ``compiler_params`` (default: Mosaic's, both grid axes parallel) and
+    ``name`` let the GPU backend run the same call under Triton."""
     outputs = prepare_outputs(cfg)
     rows, chunks = arrays["q"].shape[:2]
     dtype = arrays["q"].dtype
@@ -427,15 +429,17 @@ def prepare_forward(arrays: dict, cfg: Config, key_dim: int, value_dim: int, int
         in_specs=prepare_in_specs(arrays, cfg, _chunk_spec),
         out_specs=[_chunk_spec(shape) for shape in out_shapes],
         out_shape=[jax.ShapeDtypeStruct((rows, chunks) + shape, dtype) for shape in out_shapes],
-        compiler_params=_params(("parallel", "parallel")),
+        compiler_params=_params(("parallel", "parallel")) if compiler_params is None else compiler_params,
         interpret=interpret,
-        name="attnzoo_linear_rnn_prepare",
+        name=name,
     )(*prepare_operands(arrays, cfg))
     return dict(zip(outputs, results))
 
 
-def prepare_backward(arrays: dict, cotangents: dict, cfg: Config, interpret):
-    """``prepare``'s VJP; returns a dict of the inputs' cotangents (same names as the inputs)."""
+def prepare_backward(arrays: dict, cotangents: dict, cfg: Config, interpret, *,
+                     compiler_params=None, name: str = "attnzoo_linear_rnn_prepare_bwd"):
+    """``prepare``'s VJP; returns a dict of the inputs' cotangents (same names as the inputs).
+    ``compiler_params`` and ``name`` as in :func:`prepare_forward`."""
     inputs, outputs = prepare_inputs(cfg), prepare_outputs(cfg)
     rows, chunks = arrays["q"].shape[:2]
     results = pl.pallas_call(
@@ -445,9 +449,9 @@ def prepare_backward(arrays: dict, cotangents: dict, cfg: Config, interpret):
         + [_chunk_spec(cotangents[name].shape[2:]) for name in outputs],
         out_specs=[_chunk_spec(arrays[name].shape[2:]) for name in inputs],
         out_shape=[jax.ShapeDtypeStruct(arrays[name].shape, arrays[name].dtype) for name in inputs],
-        compiler_params=_params(("parallel", "parallel")),
+        compiler_params=_params(("parallel", "parallel")) if compiler_params is None else compiler_params,
         interpret=interpret,
-        name="attnzoo_linear_rnn_prepare_bwd",
+        name=name,
     )(*prepare_operands(arrays, cfg), *[cotangents[name] for name in outputs])
     return dict(zip(inputs, results))
 
