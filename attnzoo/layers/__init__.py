@@ -22,6 +22,7 @@ from attnzoo.layers.common import (
     partitioned,
     shard_map_batch_heads,
 )
+from attnzoo.layers.recurrent import RecurrentMixer
 from attnzoo.layers.registry import create_mixer, get_mixer_class, list_mixers, register_mixer
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "ShortConvolution",
     "GatedRMSNorm",
     "RecurrentCache",
+    "RecurrentMixer",
     "MeshAxes",
     "partitioned",
     "shard_map_batch_heads",

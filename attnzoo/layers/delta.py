@@ -42,24 +42,21 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from attnzoo import pallas_kernels as pk
 from attnzoo.layers.common import (
     DType,
     Dense,
     GatedRMSNorm,
+    MeshAxes,
     RecurrentCache,
     RMSNorm,
     ShortConvolution,
-    check_input,
     compute_dtype,
-    padding_mask,
     partitioned,
 )
+from attnzoo.layers.recurrent import RecurrentMixer, check_bool, check_choice
 from attnzoo.layers.registry import register_mixer
-from attnzoo.pallas_kernels import linear_rnn as _linear_rnn
 from attnzoo.pallas_kernels.common import check_float, check_int
 
 __all__ = [
@@ -147,18 +144,6 @@ def delta_rule_chunk_flops(seq_len: int, heads: int, key_dim: int, value_dim: in
     return int(total * heads)
 
 
-def _check_bool(owner: str, name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__}")
-    return bool(value)
-
-
-def _check_choice(owner: str, name: str, value, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{owner}: {name} must be one of {tuple(choices)}, got {value!r}")
-    return value
-
-
 def _integer_width(owner: str, name: str, base: int, factor, what: str) -> int:
     """``base * factor`` as an int, or ValueError when it is not a positive integer."""
     factor = check_float(owner, name, factor, positive=True, allow_none=False)
@@ -175,36 +160,21 @@ def _integer_width(owner: str, name: str, base: int, factor, what: str) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-class _DeltaRuleMixer(nnx.Module):
-    """Projections, short convolutions, op dispatch, padding and caching shared by the three mixers.
+class _DeltaRuleMixer(RecurrentMixer):
+    """Projections, short convolutions and the forward shared by the three delta-rule mixers.
 
-    Subclasses set the sizes (``num_heads``, ``num_v_heads``, ``head_k_dim``, ``head_v_dim``) and
-    the gate kind, build their own gate and output parameters and implement :meth:`_qk_features`,
-    :meth:`_beta_and_gate`, :meth:`_readout` and :meth:`_projection_flops`.
+    Subclasses set ``_op`` and the sizes (``num_heads``, ``num_v_heads``, ``head_k_dim``,
+    ``head_v_dim``), build their gate and output parameters and define ``_beta_and_gate(x,
+    stat_dtype) -> (beta [B,T,Hv], g or None)``, ``_readout(o, x) -> y`` and
+    ``_projection_flops(seq_len)``; ``_qk_features`` (L2 normalisation) may be overridden.
     """
-
-    _owner = "DeltaRuleMixer"
-    _gate_kind: str | None = None  # None (delta_rule), "head" (gated_delta_rule), "channel" (kda)
-
-    def _setup(self, dim, num_heads, *, impl, chunk_size, dtype, param_dtype):
-        owner = self._owner
-        self.dim = check_int(owner, "dim", dim)
-        self.num_heads = check_int(owner, "num_heads", num_heads)
-        _check_choice(owner, "impl", impl, _linear_rnn.IMPLS)
-        self.impl = impl
-        chunk_size = check_int(owner, "chunk_size", chunk_size, minimum=16)
-        if chunk_size & (chunk_size - 1):
-            raise ValueError(f"{owner}: chunk_size must be a power of two >= 16, got {chunk_size}")
-        self.chunk_size = chunk_size
-        self.dtype = dtype
-        self.param_dtype = param_dtype
 
     def _build_qkv(self, *, use_short_conv, conv_size, conv_bias, qk_conv_activation, dense, rngs):
         """q/k ``[D, H, K]``, v ``[D, Hv, V]`` projections and their short convolutions."""
-        owner = self._owner
-        self.use_short_conv = _check_bool(owner, "use_short_conv", use_short_conv)
+        owner = type(self).__name__
+        self.use_short_conv = check_bool(owner, "use_short_conv", use_short_conv)
         self.conv_size = check_int(owner, "conv_size", conv_size)
-        conv_bias = _check_bool(owner, "conv_bias", conv_bias)
+        conv_bias = check_bool(owner, "conv_bias", conv_bias)
         self.qk_conv_activation = qk_conv_activation
         h, hv, dk, dv = self.num_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
         self.q_proj = Dense(self.dim, (h, dk), logical_axes=("embed", "heads", "head_dim"), **dense)
@@ -221,27 +191,11 @@ class _DeltaRuleMixer(nnx.Module):
         else:
             self.q_conv1d = self.k_conv1d = self.v_conv1d = None
 
-    # ------------------------------------------------------------------------------------------
-    # Cache and cost
-    # ------------------------------------------------------------------------------------------
+    def _conv_modules(self):
+        return (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else ()
 
-    def init_cache(self, batch: int, max_len: int, dtype: DType | None = None) -> RecurrentCache:
-        """An empty :class:`RecurrentCache` for ``batch`` rows.
-
-        ``max_len`` is accepted for the mixers' uniform interface (the state does not grow).
-        ``dtype`` (default: compute dtype, else ``param_dtype``) is the short-convolution states'
-        dtype; the recurrent state ``[B, Hv, K, V]`` is float32, or wider for a wider ``dtype``.
-        """
-        owner = f"{self._owner}.init_cache"
-        batch = check_int(owner, "batch", batch)
-        check_int(owner, "max_len", max_len)
-        dtype = jnp.dtype(dtype or self.dtype or self.param_dtype)
-        state_dtype = jnp.promote_types(dtype, jnp.float32)
-        state = jnp.zeros((batch, self.num_v_heads, self.head_k_dim, self.head_v_dim), state_dtype)
-        conv = ()
-        if self.use_short_conv:
-            conv = tuple(c.init_state(batch, dtype) for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d))
-        return RecurrentCache(state=state, conv=conv, lengths=jnp.zeros((batch,), jnp.int32))
+    def _state_shape(self, batch):
+        return (batch, self.num_v_heads, self.head_k_dim, self.head_v_dim)
 
     def flops(self, seq_len: int, kv_len: int | None = None) -> int:
         """Forward matmul FLOPs for one sequence of ``T = seq_len`` tokens (2 per multiply-add).
@@ -251,79 +205,13 @@ class _DeltaRuleMixer(nnx.Module):
         (tokens already in a cache) does not change the cost of a recurrent layer: it is checked
         and ignored. Short convolutions, norms, gates and activations are not counted.
         """
-        owner = f"{self._owner}.flops"
-        seq_len = check_int(owner, "seq_len", seq_len)
-        if kv_len is not None:
-            check_int(owner, "kv_len", kv_len)
+        seq_len = self._flops_seq_len(seq_len, kv_len)
         op = delta_rule_chunk_flops(seq_len, self.num_v_heads, self.head_k_dim, self.head_v_dim, self.chunk_size)
         return int(self._projection_flops(seq_len) + op)
-
-    # ------------------------------------------------------------------------------------------
-    # Forward
-    # ------------------------------------------------------------------------------------------
 
     def _qk_features(self, q: jax.Array, k: jax.Array):
         """Activation (when not in the convolution) and normalisation of ``q, k [B,T,H,K]``."""
         return l2_normalize(q), l2_normalize(k)
-
-    def _check_cache(self, cache, batch: int):
-        owner = self._owner
-        if not isinstance(cache, RecurrentCache):
-            raise TypeError(f"{owner}: cache must be a RecurrentCache from init_cache, got {type(cache).__name__}")
-        want = (batch, self.num_v_heads, self.head_k_dim, self.head_v_dim)
-        if tuple(cache.state.shape) != want:
-            raise ValueError(f"{owner}: cache.state must have shape {want} [B,Hv,K,V], got {tuple(cache.state.shape)}")
-        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else ()
-        if len(cache.conv) != len(convs):
-            raise ValueError(
-                f"{owner}: cache.conv must hold {len(convs)} short-convolution states, got {len(cache.conv)}"
-            )
-        for name, conv, state in zip("qkv", convs, cache.conv):
-            shape = (batch, conv.kernel_size - 1, conv.channels)
-            if tuple(state.shape) != shape:
-                raise ValueError(
-                    f"{owner}: cache.conv ({name}) must have shape {shape} [B,K-1,C], got {tuple(state.shape)}"
-                )
-        if cache.lengths is not None and tuple(cache.lengths.shape) != (batch,):
-            raise ValueError(f"{owner}: cache.lengths must have shape ({batch},), got {tuple(cache.lengths.shape)}")
-
-    def _short_convs(self, q, k, v, *, segment_ids, cache, mask, lengths):
-        """Causal short convolutions of q, k, v (or their plain activations); returns the new conv states."""
-        if not self.use_short_conv:
-            if self.qk_conv_activation == "silu":
-                q, k = jax.nn.silu(q), jax.nn.silu(k)
-            return q, k, jax.nn.silu(v), ()
-        batch, length = q.shape[:2]
-        outputs, states = [], []
-        for index, (conv, a) in enumerate(zip((self.q_conv1d, self.k_conv1d, self.v_conv1d), (q, k, v))):
-            flat = a.reshape(batch, length, -1)
-            if cache is None:
-                y = conv(flat, segment_ids=segment_ids)
-            elif length == 1:
-                y, state = conv.step(flat[:, 0], cache.conv[index])
-                y = y[:, None]
-                if mask is not None:  # a padding step leaves the row's state alone
-                    state = jnp.where(mask[:, :1, None], state, cache.conv[index])
-                states.append(state)
-            else:
-                y, state = conv(flat, state=cache.conv[index], return_state=True, lengths=lengths)
-                states.append(state)
-            outputs.append(y.reshape(a.shape))
-        return (*outputs, tuple(states))
-
-    def _run_op(self, q, k, v, g, beta, **options):
-        if self._gate_kind is None:
-            return pk.delta_rule(q, k, v, beta, **options)
-        if self._gate_kind == "head":
-            return pk.gated_delta_rule(q, k, v, g, beta, **options)
-        return pk.kda(q, k, v, g, beta, **options)
-
-    def _run_step(self, q, k, v, g, beta, state):
-        if self._gate_kind is None:
-            return pk.delta_rule_step(q, k, v, beta, state)
-        if self._gate_kind == "head":
-            return pk.gated_delta_rule_step(q, k, v, g, beta, state)
-        return pk.kda_step(q, k, v, g, beta, state)
 
     def __call__(
         self,
@@ -350,71 +238,27 @@ class _DeltaRuleMixer(nnx.Module):
 
         Returns ``y [B, T, D]`` in the compute dtype; with a cache ``(y, new_cache)``.
         """
-        owner = self._owner
-        check_input(owner, x, ndim=3, last=self.dim, layout="[B,T,D]")
-        batch, length, _ = x.shape
         del positions
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError(f"{owner}: segment_ids cannot be combined with a cache; decode one sequence per row")
-            segment_ids = jnp.asarray(segment_ids)
-            if tuple(segment_ids.shape) != (batch, length) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-                raise ValueError(
-                    f"{owner}: segment_ids must be an int array of shape {(batch, length)} [B,T], "
-                    f"got {segment_ids.dtype}{tuple(segment_ids.shape)}"
-                )
-        mask = lengths = None
-        if cache is None:
-            if valid_lengths is not None:
-                raise ValueError(f"{owner}: valid_lengths needs a cache (use segment_ids for packing)")
-        else:
-            self._check_cache(cache, batch)
-            try:
-                mask = padding_mask(valid_lengths, batch, length)
-            except ValueError as error:
-                raise ValueError(f"{owner}: {error}") from None
-            if valid_lengths is not None:
-                lengths = jnp.clip(jnp.asarray(valid_lengths).astype(jnp.int32), 0, length)
-
+        mask = self._begin(x, segment_ids, cache, valid_lengths)
         dtype = compute_dtype(self.dtype, x, self.param_dtype)
         stat_dtype = jnp.promote_types(dtype, jnp.float32)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v, conv_states = self._short_convs(
-            q, k, v, segment_ids=segment_ids, cache=cache, mask=mask, lengths=lengths
-        )
+        convs: list = []
+        if self.use_short_conv:
+            kw = dict(segment_ids=segment_ids, cache=cache, mask=mask, new_convs=convs)
+            q, k, v = self._convolve(0, q, **kw), self._convolve(1, k, **kw), self._convolve(2, v, **kw)
+        else:
+            if self.qk_conv_activation == "silu":
+                q, k = jax.nn.silu(q), jax.nn.silu(k)
+            v = jax.nn.silu(v)
         q, k = self._qk_features(q, k)
         beta, g = self._beta_and_gate(x, stat_dtype)
-        if mask is not None:
-            # Zero keys, values and log-decays at padding: the state passes through unchanged.
-            k = jnp.where(mask[:, :, None, None], k, 0)
-            v = jnp.where(mask[:, :, None, None], v, 0)
-            if g is not None:
-                g = jnp.where(mask.reshape(mask.shape + (1,) * (g.ndim - 2)), g, 0)
         groups = self.num_v_heads // self.num_heads
         if groups > 1:  # grouped value attention: value head i reads query/key head i // groups
             q, k = jnp.repeat(q, groups, axis=2), jnp.repeat(k, groups, axis=2)
-
-        if cache is None:
-            o, _ = self._run_op(
-                q, k, v, g, beta, segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl
-            )
-            return self._readout(o.astype(dtype), x)
-        if length == 1:
-            gate = None if g is None else g[:, 0]
-            o, state = self._run_step(q[:, 0], k[:, 0], v[:, 0], gate, beta[:, 0], cache.state)
-            o = o[:, None]
-        else:
-            o, state = self._run_op(
-                q, k, v, g, beta, initial_state=cache.state, output_final_state=True,
-                chunk_size=self.chunk_size, impl=self.impl,
-            )
+        o, state = self._recur(q, k, v, g, beta, segment_ids=segment_ids, cache=cache, mask=mask)
         y = self._readout(o.astype(dtype), x)
-        advance = jnp.full((batch,), length, jnp.int32) if lengths is None else lengths
-        new_lengths = None if cache.lengths is None else cache.lengths.astype(jnp.int32) + advance
-        new_cache = RecurrentCache(
-            state=state.astype(cache.state.dtype), conv=conv_states, lengths=new_lengths, extra=cache.extra
-        )
-        return y, new_cache
+        return self._finish(y, cache, state, convs, mask, x.shape[1])
 
 
 def _sigmoid_beta(b_proj: Dense, x: jax.Array, stat_dtype, allow_neg_eigval: bool) -> jax.Array:
@@ -450,7 +294,9 @@ class DeltaNet(_DeltaRuleMixer):
       use_short_conv / conv_size / conv_bias: the short convolutions (fla: True, 4, False).
       qk_activation: "silu" | "relu" | "elu" | "identity". qk_norm: "l2" | "sum". norm_eps: of the
         output RMSNorm (1e-5).
-      impl: the op's "auto" | "reference" | "xla". chunk_size: the op's chunk (power of two >= 16).
+      impl: the op's "auto" | "reference" | "xla" | "pallas". chunk_size: the op's chunk (power of
+        two >= 16). mesh_axes: :class:`MeshAxes` sharding batch and heads of the Pallas op under
+        an active mesh (see :mod:`attnzoo.layers.recurrent`).
       dtype: compute dtype (default: promotion of input and params); states are float32.
       param_dtype: parameter dtype. kernel_init: initializer of the projection kernels (default
         Lecun normal). rngs: ``nnx.Rngs`` with a ``params`` stream.
@@ -463,8 +309,7 @@ class DeltaNet(_DeltaRuleMixer):
     FLOPs: projections ``2 T D (2 H K + H V + H [use_beta] + H V [use_gate]) + 2 T H V D``.
     """
 
-    _owner = "DeltaNet"
-    _gate_kind = None
+    _op = "delta_rule"
 
     def __init__(
         self,
@@ -484,13 +329,15 @@ class DeltaNet(_DeltaRuleMixer):
         norm_eps: float = 1e-5,
         impl: str = "auto",
         chunk_size: int = 64,
+        mesh_axes: MeshAxes = MeshAxes(),
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
         kernel_init=None,
         rngs: nnx.Rngs,
     ):
-        owner = self._owner
-        self._setup(dim, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype)
+        owner = type(self).__name__
+        self._setup(owner, dim, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype,
+                    mesh_axes=mesh_axes)
         key_dim = _integer_width(owner, "expand_k", self.dim, expand_k, "dim")
         value_dim = _integer_width(owner, "expand_v", self.dim, expand_v, "dim")
         for name, width in (("expand_k", key_dim), ("expand_v", value_dim)):
@@ -501,11 +348,11 @@ class DeltaNet(_DeltaRuleMixer):
         self.num_v_heads = self.num_heads
         self.head_k_dim = key_dim // self.num_heads
         self.head_v_dim = value_dim // self.num_heads
-        self.use_beta = _check_bool(owner, "use_beta", use_beta)
-        self.use_gate = _check_bool(owner, "use_gate", use_gate)
-        self.allow_neg_eigval = _check_bool(owner, "allow_neg_eigval", allow_neg_eigval)
-        self.qk_activation = _check_choice(owner, "qk_activation", qk_activation, tuple(_QK_ACTIVATIONS))
-        self.qk_norm = _check_choice(owner, "qk_norm", qk_norm, ("l2", "sum"))
+        self.use_beta = check_bool(owner, "use_beta", use_beta)
+        self.use_gate = check_bool(owner, "use_gate", use_gate)
+        self.allow_neg_eigval = check_bool(owner, "allow_neg_eigval", allow_neg_eigval)
+        self.qk_activation = check_choice(owner, "qk_activation", qk_activation, tuple(_QK_ACTIVATIONS))
+        self.qk_norm = check_choice(owner, "qk_norm", qk_norm, ("l2", "sum"))
         self.norm_eps = check_float(owner, "norm_eps", norm_eps, positive=True, allow_none=False)
 
         dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
@@ -593,7 +440,7 @@ class GatedDeltaNet(_DeltaRuleMixer):
       use_gate: the SiLU output gate ``g_proj`` (fla default True). allow_neg_eigval: beta in (0, 2).
       use_short_conv / conv_size / conv_bias: the short convolutions (True, 4, False).
       norm_eps: of the output RMSNorm (1e-5).
-      impl, chunk_size, dtype, param_dtype, kernel_init, rngs: as in :class:`DeltaNet`.
+      impl, chunk_size, mesh_axes, dtype, param_dtype, kernel_init, rngs: as in :class:`DeltaNet`.
 
     Parameters: ``q_proj``/``k_proj.kernel [D, H, K]``, ``v_proj``/``g_proj.kernel [D, Hv, V]``
     (embed, heads, head_dim); ``a_proj``/``b_proj.kernel [D, Hv]`` (embed, heads); ``A_log``,
@@ -603,8 +450,7 @@ class GatedDeltaNet(_DeltaRuleMixer):
     FLOPs: projections ``2 T D (2 H K + Hv V + 2 Hv + Hv V [use_gate]) + 2 T Hv V D``.
     """
 
-    _owner = "GatedDeltaNet"
-    _gate_kind = "head"
+    _op = "gated_delta_rule"
 
     def __init__(
         self,
@@ -622,18 +468,20 @@ class GatedDeltaNet(_DeltaRuleMixer):
         norm_eps: float = 1e-5,
         impl: str = "auto",
         chunk_size: int = 64,
+        mesh_axes: MeshAxes = MeshAxes(),
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
         kernel_init=None,
         rngs: nnx.Rngs,
     ):
-        owner = self._owner
-        self._setup(dim, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype)
+        owner = type(self).__name__
+        self._setup(owner, dim, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype,
+                    mesh_axes=mesh_axes)
         self.num_v_heads, self.head_k_dim, self.head_v_dim = _head_sizes(
             owner, self.dim, self.num_heads, num_v_heads, head_dim, expand_v
         )
-        self.use_gate = _check_bool(owner, "use_gate", use_gate)
-        self.allow_neg_eigval = _check_bool(owner, "allow_neg_eigval", allow_neg_eigval)
+        self.use_gate = check_bool(owner, "use_gate", use_gate)
+        self.allow_neg_eigval = check_bool(owner, "allow_neg_eigval", allow_neg_eigval)
         self.norm_eps = check_float(owner, "norm_eps", norm_eps, positive=True, allow_none=False)
 
         dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
@@ -721,8 +569,7 @@ class KimiDeltaAttention(_DeltaRuleMixer):
     FLOPs: projections ``2 T D (2 H K + Hv V + Hv + 2 V) + 2 T V (Hv K + Hv V) + 2 T Hv V D``.
     """
 
-    _owner = "KimiDeltaAttention"
-    _gate_kind = "channel"
+    _op = "kda"
 
     def __init__(
         self,
@@ -742,24 +589,26 @@ class KimiDeltaAttention(_DeltaRuleMixer):
         norm_eps: float = 1e-5,
         impl: str = "auto",
         chunk_size: int = 64,
+        mesh_axes: MeshAxes = MeshAxes(),
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
         kernel_init=None,
         rngs: nnx.Rngs,
     ):
-        owner = self._owner
-        self._setup(dim, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype)
+        owner = type(self).__name__
+        self._setup(owner, dim, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype,
+                    mesh_axes=mesh_axes)
         self.num_v_heads, self.head_k_dim, self.head_v_dim = _head_sizes(
             owner, self.dim, self.num_heads, num_v_heads, head_dim, expand_v
         )
-        self.allow_neg_eigval = _check_bool(owner, "allow_neg_eigval", allow_neg_eigval)
+        self.allow_neg_eigval = check_bool(owner, "allow_neg_eigval", allow_neg_eigval)
         self.lower_bound = check_float(owner, "lower_bound", lower_bound)
         if self.lower_bound is not None and self.lower_bound >= 0:
             raise ValueError(f"{owner}: lower_bound must be a negative float or None, got {self.lower_bound}")
-        self.safe_gate = _check_bool(owner, "safe_gate", safe_gate)
+        self.safe_gate = check_bool(owner, "safe_gate", safe_gate)
         if self.safe_gate and self.lower_bound is None:
             raise ValueError(f"{owner}: safe_gate=True needs lower_bound (e.g. -5.0), got None")
-        output_gate_bias = _check_bool(owner, "output_gate_bias", output_gate_bias)
+        output_gate_bias = check_bool(owner, "output_gate_bias", output_gate_bias)
         self.norm_eps = check_float(owner, "norm_eps", norm_eps, positive=True, allow_none=False)
 
         dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)

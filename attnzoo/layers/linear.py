@@ -63,21 +63,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnzoo import pallas_kernels as pk
 from attnzoo.layers.common import (
     DType,
     Dense,
     GatedRMSNorm,
     LayerNorm,
-    RecurrentCache,
+    MeshAxes,
     RMSNorm,
     ShortConvolution,
     apply_rope,
-    check_input,
-    padding_mask,
 )
+from attnzoo.layers.recurrent import RecurrentMixer, check_bool, check_choice
 from attnzoo.layers.registry import register_mixer
-from attnzoo.pallas_kernels import linear_rnn as pk_linear_rnn
 from attnzoo.pallas_kernels.common import check_float, check_int
 
 __all__ = [
@@ -115,18 +112,6 @@ def chunked_op_flops(seq_len: int, heads: int, key_dim: int, value_dim: int, chu
     return int(heads * total)
 
 
-def _check_choice(owner: str, name: str, value, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{owner}: {name} must be one of {tuple(choices)}, got {value!r}")
-    return value
-
-
-def _check_bool(owner: str, name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 def _split_dim(owner: str, dim: int, expand: float, num_heads: int, name: str) -> tuple[int, int]:
     """fla's ``int(dim * expand)`` width and its per-head share; the width must divide by the heads."""
     expand = check_float(owner, name, expand, positive=True, allow_none=False)
@@ -153,188 +138,6 @@ def _identity_init(key, shape, dtype=jnp.float32):
     return jnp.eye(shape[0], shape[1], dtype=dtype)
 
 
-def _flat_conv(conv: ShortConvolution, x: jax.Array, **kwargs):
-    """A short convolution over the flattened head axes of ``x [B, T, H, K]``."""
-    batch, length = x.shape[:2]
-    out = conv(x.reshape(batch, length, -1), **kwargs)
-    if isinstance(out, tuple):
-        return out[0].reshape(x.shape), out[1]
-    return out.reshape(x.shape)
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared machinery of the recurrent mixers
-# ----------------------------------------------------------------------------------------------
-
-
-class _RecurrentMixer(nnx.Module):
-    """Argument checks, cache handling and op dispatch shared by the mixers of this file.
-
-    A subclass sets ``_kind`` ("linear", "scalar" or "channel": ``pk.linear_attention``,
-    ``pk.simple_gla``, ``pk.gla``), ``_normalize`` and ``scale`` (None: the op's ``K ** -0.5``),
-    builds its short convolutions in :meth:`_conv_modules` order and defines :meth:`_state_shape`.
-    """
-
-    _kind = "linear"
-    _normalize = False
-    scale: float | None = None
-
-    def _setup(self, owner, dim, num_heads, impl, chunk_size, dtype, param_dtype):
-        self.dim = check_int(owner, "dim", dim)
-        self.num_heads = check_int(owner, "num_heads", num_heads)
-        if impl not in pk_linear_rnn.IMPLS:
-            raise ValueError(f"{owner}: impl must be one of {pk_linear_rnn.IMPLS}, got {impl!r}")
-        self.impl = impl
-        chunk_size = check_int(owner, "chunk_size", chunk_size, minimum=16)
-        if chunk_size & (chunk_size - 1):
-            raise ValueError(f"{owner}: chunk_size must be a power of two >= 16, got {chunk_size}")
-        self.chunk_size = chunk_size
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-
-    # -- cache ---------------------------------------------------------------------------------
-
-    def _conv_modules(self) -> tuple[ShortConvolution, ...]:
-        return ()
-
-    def init_cache(self, batch: int, max_len: int, dtype: DType | None = None) -> RecurrentCache:
-        """An empty :class:`RecurrentCache` for ``batch`` rows.
-
-        ``max_len`` is accepted for the uniform mixer interface: a recurrent state does not grow.
-        ``dtype`` (default: compute dtype, else ``param_dtype``) is the short-convolution states'
-        dtype; the recurrent state is float32 (float64 when ``dtype`` is float64).
-        """
-        owner = f"{type(self).__name__}.init_cache"
-        batch = check_int(owner, "batch", batch)
-        check_int(owner, "max_len", max_len)
-        dtype = jnp.dtype(dtype or self.dtype or self.param_dtype)
-        state = jnp.zeros(self._state_shape(batch), jnp.promote_types(dtype, jnp.float32))
-        convs = tuple(conv.init_state(batch, dtype) for conv in self._conv_modules())
-        return RecurrentCache(state=state, conv=convs, lengths=jnp.zeros((batch,), jnp.int32))
-
-    def _check_cache(self, cache, batch: int):
-        owner = type(self).__name__
-        if not isinstance(cache, RecurrentCache):
-            raise TypeError(f"{owner}: cache must be a RecurrentCache from init_cache, got {type(cache).__name__}")
-        want = self._state_shape(batch)
-        if tuple(cache.state.shape) != want:
-            raise ValueError(f"{owner}: cache.state must have shape {want} [B,H,K,V], got {tuple(cache.state.shape)}")
-        convs = self._conv_modules()
-        if len(cache.conv) != len(convs):
-            raise ValueError(
-                f"{owner}: cache.conv must hold {len(convs)} short-convolution states, got {len(cache.conv)}"
-            )
-        for index, (conv, state) in enumerate(zip(convs, cache.conv)):
-            shape = (batch, conv.kernel_size - 1, conv.channels)
-            if tuple(state.shape) != shape:
-                raise ValueError(
-                    f"{owner}: cache.conv[{index}] must have shape {shape} [B,K-1,C], got {tuple(state.shape)}"
-                )
-        if cache.lengths is None or tuple(cache.lengths.shape) != (batch,):
-            got = None if cache.lengths is None else tuple(cache.lengths.shape)
-            raise ValueError(f"{owner}: cache.lengths must have shape ({batch},), got {got}")
-
-    # -- forward pieces ------------------------------------------------------------------------
-
-    def _begin(self, x, segment_ids, cache, valid_lengths):
-        """Validates the call; returns ``(batch, length, mask [B,T] bool or None)``."""
-        owner = type(self).__name__
-        check_input(owner, x, ndim=3, last=self.dim, layout="[B,T,D]")
-        batch, length, _ = x.shape
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError(f"{owner}: segment_ids cannot be combined with a cache; decode one sequence per row")
-            if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
-                raise TypeError(f"{owner}: segment_ids must be an int array [B,T], got {type(segment_ids).__name__}")
-            if tuple(segment_ids.shape) != (batch, length) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-                raise ValueError(
-                    f"{owner}: segment_ids must be an int array of shape {(batch, length)} [B,T], "
-                    f"got {segment_ids.dtype}{tuple(segment_ids.shape)}"
-                )
-        if cache is None:
-            if valid_lengths is not None:
-                raise ValueError(f"{owner}: valid_lengths needs a cache (use segment_ids for packing)")
-            return batch, length, None
-        self._check_cache(cache, batch)
-        try:
-            mask = padding_mask(valid_lengths, batch, length)
-        except ValueError as error:
-            raise ValueError(f"{owner}: {error}") from None
-        return batch, length, mask
-
-    def _convolve(self, index: int, x, *, segment_ids, cache, mask, new_convs: list):
-        """Short convolution ``index`` of :meth:`_conv_modules` over ``x [B,T,...]`` (last axes flattened).
-
-        With a cache it starts from ``cache.conv[index]`` and appends the new state to ``new_convs``.
-        """
-        conv = self._conv_modules()[index]
-        if cache is None:
-            return _flat_conv(conv, x, segment_ids=segment_ids)
-        state = cache.conv[index]
-        batch, length = x.shape[:2]
-        if length == 1:
-            y, new_state = conv.step(x.reshape(batch, -1), state)
-            if mask is not None:
-                new_state = jnp.where(mask[:, :1, None], new_state, state)
-            y = y.reshape(x.shape)
-        else:
-            lengths = None if mask is None else jnp.sum(mask, axis=1, dtype=jnp.int32)
-            y, new_state = _flat_conv(conv, x, state=state, return_state=True, lengths=lengths)
-        new_convs.append(new_state.astype(state.dtype))
-        return y
-
-    def _op_options(self) -> dict:
-        return dict(scale=self.scale)
-
-    def _recur(self, q, k, v, g, *, segment_ids, cache, mask):
-        """The recurrence: q, k ``[B,T,H,K]``, v ``[B,T,H,V]``, g ``[B,T,H]`` / ``[B,T,H,K]`` / None.
-
-        Returns ``(o [B,T,H,V] in v's dtype, new state or None)``.
-        """
-        if mask is not None:
-            k = jnp.where(mask[:, :, None, None], k, 0)
-            v = jnp.where(mask[:, :, None, None], v, 0)
-            if g is not None:
-                g = jnp.where(mask.reshape(mask.shape + (1,) * (g.ndim - 2)), g, 0)
-        options = self._op_options()
-        if cache is not None and q.shape[1] == 1:
-            state = cache.state
-            step_args = (q[:, 0], k[:, 0], v[:, 0]) + (() if g is None else (g[:, 0],))
-            if self._kind == "linear":
-                out, new_state = pk.linear_attention_step(*step_args, state, normalize=self._normalize, **options)
-            elif self._kind == "scalar":
-                out, new_state = pk.simple_gla_step(*step_args, state, **options)
-            else:
-                out, new_state = pk.gla_step(*step_args, state, **options)
-            return out[:, None], new_state.astype(state.dtype)
-        options.update(chunk_size=self.chunk_size, impl=self.impl, segment_ids=segment_ids)
-        if cache is not None:
-            options.update(initial_state=cache.state, output_final_state=True)
-        if self._kind == "linear":
-            out, final = pk.linear_attention(q, k, v, normalize=self._normalize, **options)
-        elif self._kind == "scalar":
-            out, final = pk.simple_gla(q, k, v, g, **options)
-        else:
-            out, final = pk.gla(q, k, v, g, **options)
-        return out, (None if final is None else final.astype(cache.state.dtype))
-
-    @staticmethod
-    def _finish(y, cache, state, convs, mask, length):
-        """``y`` alone, or ``(y, new cache)`` with lengths advanced by each row's valid tokens."""
-        if cache is None:
-            return y
-        advance = length if mask is None else jnp.sum(mask, axis=1, dtype=jnp.int32)
-        return y, RecurrentCache(
-            state=state, conv=tuple(convs), lengths=cache.lengths + advance, extra=cache.extra
-        )
-
-    def _flops_seq_len(self, seq_len, kv_len) -> int:
-        owner = f"{type(self).__name__}.flops"
-        seq_len = check_int(owner, "seq_len", seq_len)
-        check_int(owner, "kv_len", kv_len, allow_none=True)
-        return seq_len
-
-
 # ----------------------------------------------------------------------------------------------
 # Feature maps
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +160,7 @@ class FeatureMap(nnx.Module):
 
     def __init__(self, kind: str, head_dim: int, *, dtype=None, param_dtype=jnp.float32, kernel_init=None,
                  rngs: nnx.Rngs):
-        self.kind = _check_choice("FeatureMap", "feature_map", kind, self.KINDS)
+        self.kind = check_choice("FeatureMap", "feature_map", kind, self.KINDS)
         self.head_dim = check_int("FeatureMap", "head_dim", head_dim)
         dense = dict(logical_axes=(None, "head_dim"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if kind in ("elementwise_product", "hedgehog", "t2r"):
@@ -429,7 +232,7 @@ def taylor_features(feature_dim: int) -> int:
 
 
 @register_mixer("linear_attention")
-class LinearAttention(_RecurrentMixer):
+class LinearAttention(RecurrentMixer):
     """Causal linear attention, fla's ``LinearAttention`` layer (``fla/layers/linear_attn.py``).
 
     ``q = phi_q(x W_q)``, ``k = phi_k(x W_k)``, ``v = x W_v`` per head (``phi`` a :class:`FeatureMap`,
@@ -448,7 +251,9 @@ class LinearAttention(_RecurrentMixer):
       normalize: divide by the running normaliser (state ``[B,H,F,V+1]``).
       output_norm: "rmsnorm" (per head, over ``V``) or "identity". elementwise_affine: learn its scale.
       norm_eps: RMSNorm epsilon (fla's 1e-5).
-      impl / chunk_size: passed to the op. dtype / param_dtype: compute / parameter dtypes.
+      impl / chunk_size: passed to the op. mesh_axes: :class:`MeshAxes` sharding batch and heads of
+        the Pallas op under an active mesh (see :mod:`attnzoo.layers.recurrent`).
+      dtype / param_dtype: compute / parameter dtypes.
       kernel_init: initialiser of the projections. rngs: ``nnx.Rngs`` with a ``params`` stream.
 
     Parameters: ``q_proj``/``k_proj.kernel [D, H, K]``, ``v_proj.kernel [D, H, V]`` (embed, heads,
@@ -456,7 +261,7 @@ class LinearAttention(_RecurrentMixer):
     (see :class:`FeatureMap`), ``norm.scale [V]`` (norm).
     """
 
-    _kind = "linear"
+    _op = "linear_attention"
 
     def __init__(
         self,
@@ -475,22 +280,24 @@ class LinearAttention(_RecurrentMixer):
         norm_eps: float = 1e-5,
         impl: str = "auto",
         chunk_size: int = 64,
+        mesh_axes: MeshAxes = MeshAxes(),
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
         kernel_init=None,
         rngs: nnx.Rngs,
     ):
         owner = "LinearAttention"
-        self._setup(owner, dim, num_heads, impl, chunk_size, dtype, param_dtype)
+        self._setup(owner, dim, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype,
+                    mesh_axes=mesh_axes)
         self.key_dim, self.head_k_dim = _split_dim(owner, self.dim, expand_k, self.num_heads, "expand_k")
         self.value_dim, self.head_v_dim = _split_dim(owner, self.dim, expand_v, self.num_heads, "expand_v")
-        _check_choice(owner, "feature_map", feature_map, FeatureMap.KINDS)
-        self.tie_feature_map_qk = _check_bool(owner, "tie_feature_map_qk", tie_feature_map_qk)
-        self.norm_q = _check_bool(owner, "norm_q", norm_q)
-        self.norm_k = _check_bool(owner, "norm_k", norm_k)
-        self._normalize = _check_bool(owner, "normalize", normalize)
-        _check_choice(owner, "output_norm", output_norm, ("rmsnorm", "identity"))
-        _check_bool(owner, "elementwise_affine", elementwise_affine)
+        check_choice(owner, "feature_map", feature_map, FeatureMap.KINDS)
+        self.tie_feature_map_qk = check_bool(owner, "tie_feature_map_qk", tie_feature_map_qk)
+        self.norm_q = check_bool(owner, "norm_q", norm_q)
+        self.norm_k = check_bool(owner, "norm_k", norm_k)
+        self._normalize = check_bool(owner, "normalize", normalize)
+        check_choice(owner, "output_norm", output_norm, ("rmsnorm", "identity"))
+        check_bool(owner, "elementwise_affine", elementwise_affine)
         norm_eps = check_float(owner, "norm_eps", norm_eps, positive=True, allow_none=False)
 
         heads, dk, dv = self.num_heads, self.head_k_dim, self.head_v_dim
@@ -536,7 +343,8 @@ class LinearAttention(_RecurrentMixer):
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None, valid_lengths=None):
         """``x [B, T, D] -> y [B, T, D]`` (with a cache ``(y, new_cache)``); ``positions`` is unused."""
-        batch, length, mask = self._begin(x, segment_ids, cache, valid_lengths)
+        mask = self._begin(x, segment_ids, cache, valid_lengths)
+        batch, length = x.shape[:2]
         q = self.feature_map_q(self.q_proj(x))
         k = (self.feature_map_k or self.feature_map_q)(self.k_proj(x))
         v = self.v_proj(x)
@@ -557,7 +365,7 @@ class LinearAttention(_RecurrentMixer):
 
 
 @register_mixer("based")
-class Based(_RecurrentMixer):
+class Based(RecurrentMixer):
     """Based's linear attention (Arora et al. 2024, "Simple linear attention language models balance
     the recall-throughput tradeoff"; HazyResearch/based ``based/models/mixers/linear_attention.py``,
     fla ``fla/layers/based.py``).
@@ -577,14 +385,14 @@ class Based(_RecurrentMixer):
 
     Args:
       dim: ``D``. num_heads: ``H``. feature_dim: ``f`` per head (16). head_dim: value width per
-        head (default ``D / H``). impl / chunk_size / dtype / param_dtype / kernel_init / rngs:
+        head (default ``D / H``). impl / chunk_size / mesh_axes / dtype / param_dtype / kernel_init / rngs:
         as :class:`LinearAttention`.
 
     Parameters: ``q_proj``/``k_proj.kernel [D, H, f]``, ``v_proj.kernel [D, H, Dh]``,
     ``o_proj.kernel [H, Dh, D]``.
     """
 
-    _kind = "linear"
+    _op = "linear_attention"
     _normalize = True
     scale = 1.0
 
@@ -597,13 +405,15 @@ class Based(_RecurrentMixer):
         head_dim: int | None = None,
         impl: str = "auto",
         chunk_size: int = 64,
+        mesh_axes: MeshAxes = MeshAxes(),
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
         kernel_init=None,
         rngs: nnx.Rngs,
     ):
         owner = "Based"
-        self._setup(owner, dim, num_heads, impl, chunk_size, dtype, param_dtype)
+        self._setup(owner, dim, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype,
+                    mesh_axes=mesh_axes)
         self.feature_dim = check_int(owner, "feature_dim", feature_dim)
         if head_dim is None:
             if self.dim % self.num_heads:
@@ -639,7 +449,8 @@ class Based(_RecurrentMixer):
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None, valid_lengths=None):
         """``x [B, T, D] -> y [B, T, D]`` (with a cache ``(y, new_cache)``); ``positions`` is unused."""
-        batch, length, mask = self._begin(x, segment_ids, cache, valid_lengths)
+        mask = self._begin(x, segment_ids, cache, valid_lengths)
+        batch, length = x.shape[:2]
         q = taylor_feature_map(self.q_proj(x))
         k = taylor_feature_map(self.k_proj(x))
         v = self.v_proj(x)
@@ -648,7 +459,7 @@ class Based(_RecurrentMixer):
 
 
 @register_mixer("base_conv")
-class BaseConv(_RecurrentMixer):
+class BaseConv(RecurrentMixer):
     """Based's gated short-convolution mixer ``BaseConv`` (HazyResearch/based
     ``based/models/mixers/convolution.py``; Arora et al. 2024)::
 
@@ -678,13 +489,15 @@ class BaseConv(_RecurrentMixer):
         use_bias: bool = True,
         impl: str = "auto",
         chunk_size: int = 64,
+        mesh_axes: MeshAxes = MeshAxes(),
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
         kernel_init=None,
         rngs: nnx.Rngs,
     ):
         owner = "BaseConv"
-        self._setup(owner, dim, num_heads, impl, chunk_size, dtype, param_dtype)
+        self._setup(owner, dim, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype,
+                    mesh_axes=mesh_axes)
         self.expand_proj = check_int(owner, "expand_proj", expand_proj)
         if (self.expand_proj * self.dim) % 2:
             raise ValueError(
@@ -692,7 +505,7 @@ class BaseConv(_RecurrentMixer):
             )
         self.inner_dim = self.expand_proj * self.dim // 2
         self.kernel_size = check_int(owner, "kernel_size", kernel_size)
-        _check_bool(owner, "use_bias", use_bias)
+        check_bool(owner, "use_bias", use_bias)
         dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, use_bias=use_bias, rngs=rngs)
         self.in_proj = Dense(dim, self.inner_dim, logical_axes=("embed", "mlp"), **dense)
         self.gate_proj = Dense(dim, self.inner_dim, logical_axes=("embed", "mlp"), **dense)
@@ -720,7 +533,8 @@ class BaseConv(_RecurrentMixer):
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None, valid_lengths=None):
         """``x [B, T, D] -> y [B, T, D]`` (with a cache ``(y, new_cache)``); ``positions`` is unused."""
-        batch, length, mask = self._begin(x, segment_ids, cache, valid_lengths)
+        mask = self._begin(x, segment_ids, cache, valid_lengths)
+        batch, length = x.shape[:2]
         convs: list = []
         u = self._convolve(0, self.in_proj(x), segment_ids=segment_ids, cache=cache, mask=mask, new_convs=convs)
         y = self.out_proj(u * self.gate_proj(x))
@@ -737,7 +551,7 @@ def retention_log_decays(num_heads: int) -> np.ndarray:
     return np.log1p(-np.exp2(-5.0 - np.arange(num_heads, dtype=np.float64)))
 
 
-class _GatedOutputMixer(_RecurrentMixer):
+class _GatedOutputMixer(RecurrentMixer):
     """Pieces RetNet and GLA share (fla's layer code is the same for both): q/k/v projections with
     optional short convolutions and activation, and ``o_proj(norm(o) * swish(x W_g))``."""
 
@@ -748,9 +562,9 @@ class _GatedOutputMixer(_RecurrentMixer):
         self.value_dim, self.head_v_dim = _split_dim(owner, self.dim, expand_v, self.num_heads, "expand_v")
         self.feature_map = feature_map
         self._feature_fn = _activation(owner, "feature_map", feature_map)
-        self.use_short_conv = _check_bool(owner, "use_short_conv", use_short_conv)
-        self.use_output_gate = _check_bool(owner, "use_output_gate", use_output_gate)
-        self.conv_bias = _check_bool(owner, "conv_bias", conv_bias)
+        self.use_short_conv = check_bool(owner, "use_short_conv", use_short_conv)
+        self.use_output_gate = check_bool(owner, "use_output_gate", use_output_gate)
+        self.conv_bias = check_bool(owner, "conv_bias", conv_bias)
         self.conv_size = check_int(owner, "conv_size", conv_size) if self.use_short_conv else None
         self.norm_eps = check_float(owner, "norm_eps", norm_eps, positive=True, allow_none=False)
 
@@ -827,7 +641,7 @@ class MultiScaleRetention(_GatedOutputMixer):
       feature_map: None (fla's default), "swish"/"silu", "relu" or "sigmoid", applied to q and k.
       use_short_conv / conv_size / conv_bias: short convolutions (fla: off, 4, no bias).
       use_output_gate: the swish gate ``x W_g`` (else RMSNorm only). norm_eps: 1e-5.
-      rope_theta: RoPE base. impl / chunk_size / dtype / param_dtype / kernel_init / rngs: as
+      rope_theta: RoPE base. impl / chunk_size / mesh_axes / dtype / param_dtype / kernel_init / rngs: as
       :class:`LinearAttention`.
 
     Parameters: ``q_proj``/``k_proj.kernel [D, H, K]``, ``v_proj``/``g_proj.kernel [D, H, V]``
@@ -835,7 +649,7 @@ class MultiScaleRetention(_GatedOutputMixer):
     ``q_conv``/``k_conv``/``v_conv.weight [conv_size, H*K or H*V]`` (conv_kernel, heads).
     """
 
-    _kind = "scalar"
+    _op = "simple_gla"
 
     def __init__(
         self,
@@ -853,13 +667,15 @@ class MultiScaleRetention(_GatedOutputMixer):
         rope_theta: float = 10000.0,
         impl: str = "auto",
         chunk_size: int = 64,
+        mesh_axes: MeshAxes = MeshAxes(),
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
         kernel_init=None,
         rngs: nnx.Rngs,
     ):
         owner = "MultiScaleRetention"
-        self._setup(owner, dim, num_heads, impl, chunk_size, dtype, param_dtype)
+        self._setup(owner, dim, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype,
+                    mesh_axes=mesh_axes)
         self._check_qkv(owner, expand_k, expand_v, feature_map, use_short_conv, conv_size, conv_bias,
                         use_output_gate, norm_eps)
         if self.head_k_dim % 2:
@@ -894,7 +710,8 @@ class MultiScaleRetention(_GatedOutputMixer):
         cache, ``cache.lengths[b] + arange(T)``. (RoPE is relative, so packed documents need no
         restarted positions.)
         """
-        batch, length, mask = self._begin(x, segment_ids, cache, valid_lengths)
+        mask = self._begin(x, segment_ids, cache, valid_lengths)
+        batch, length = x.shape[:2]
         convs: list = []
         q, k, v = self._project_qkv(x, segment_ids=segment_ids, cache=cache, mask=mask, convs=convs)
         if positions is None:
@@ -938,7 +755,7 @@ def lightning_slopes(num_heads: int, layer_idx: int = 0, num_layers: int = 1) ->
 
 
 @register_mixer("lightning")
-class LightningAttention(_RecurrentMixer):
+class LightningAttention(RecurrentMixer):
     """Lightning attention, the linear attention of TransNormerLLM / TNL (Qin et al. 2024) and
     MiniMax-01 / M1: OpenNLPLab/lightning-attention ``examples/module/tnl_attn.py``,
     MiniMax-AI/MiniMax-M1 ``modeling_minimax_m1.py`` (``MiniMaxM1LightningAttention``)::
@@ -957,7 +774,7 @@ class LightningAttention(_RecurrentMixer):
       layer_idx / num_layers: this layer's depth and the model's, scaling the slopes.
       norm: "rmsnorm" or "layernorm" over ``H * Dh``. norm_eps: its epsilon.
       gate_low_rank_dim: None (full-rank gate) or the rank of a two-matrix gate.
-      impl / chunk_size / dtype / param_dtype / kernel_init / rngs: as :class:`LinearAttention`.
+      impl / chunk_size / mesh_axes / dtype / param_dtype / kernel_init / rngs: as :class:`LinearAttention`.
 
     Parameters: ``q_proj``/``k_proj``/``v_proj.kernel [D, H, Dh]``, ``gate_proj.kernel [D, H, Dh]``
     (or ``gate_down [D, r]`` (embed, None) and ``gate_up [r, H, Dh]`` (None, heads, head_dim)),
@@ -967,7 +784,7 @@ class LightningAttention(_RecurrentMixer):
     (the zoo's DecoderLM) gives every layer the slopes of its ``layer_idx`` option.
     """
 
-    _kind = "scalar"
+    _op = "simple_gla"
     scale = 1.0
 
     def __init__(
@@ -983,13 +800,15 @@ class LightningAttention(_RecurrentMixer):
         gate_low_rank_dim: int | None = None,
         impl: str = "auto",
         chunk_size: int = 64,
+        mesh_axes: MeshAxes = MeshAxes(),
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
         kernel_init=None,
         rngs: nnx.Rngs,
     ):
         owner = "LightningAttention"
-        self._setup(owner, dim, num_heads, impl, chunk_size, dtype, param_dtype)
+        self._setup(owner, dim, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype,
+                    mesh_axes=mesh_axes)
         if head_dim is None:
             if self.dim % self.num_heads:
                 raise ValueError(
@@ -1001,7 +820,7 @@ class LightningAttention(_RecurrentMixer):
         self.layer_idx = check_int(owner, "layer_idx", layer_idx, minimum=0)
         if self.layer_idx >= self.num_layers:
             raise ValueError(f"{owner}: layer_idx must be in [0, num_layers={self.num_layers}), got {self.layer_idx}")
-        _check_choice(owner, "norm", norm, ("rmsnorm", "layernorm"))
+        check_choice(owner, "norm", norm, ("rmsnorm", "layernorm"))
         norm_eps = check_float(owner, "norm_eps", norm_eps, positive=True, allow_none=False)
         self.gate_low_rank_dim = check_int(owner, "gate_low_rank_dim", gate_low_rank_dim, allow_none=True)
         self.slopes = tuple(float(s) for s in lightning_slopes(self.num_heads, self.layer_idx, self.num_layers))
@@ -1048,7 +867,8 @@ class LightningAttention(_RecurrentMixer):
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None, valid_lengths=None):
         """``x [B, T, D] -> y [B, T, D]`` (with a cache ``(y, new_cache)``); ``positions`` is unused."""
-        batch, length, mask = self._begin(x, segment_ids, cache, valid_lengths)
+        mask = self._begin(x, segment_ids, cache, valid_lengths)
+        batch, length = x.shape[:2]
         q = jax.nn.silu(self.q_proj(x))
         k = jax.nn.silu(self.k_proj(x))
         v = jax.nn.silu(self.v_proj(x))
@@ -1087,13 +907,13 @@ class GatedLinearAttention(_GatedOutputMixer):
       use_short_conv / conv_size / conv_bias: short convolutions (fla: off, 4, no bias).
       use_output_gate: the swish gate ``x W_g`` (else RMSNorm only). norm_eps: 1e-5.
       gate_logit_normalizer: 16. gate_low_rank_dim: 16. clamp_min: None or a float <= 0.
-      impl / chunk_size / dtype / param_dtype / kernel_init / rngs: as :class:`LinearAttention`.
+      impl / chunk_size / mesh_axes / dtype / param_dtype / kernel_init / rngs: as :class:`LinearAttention`.
 
     Parameters: as :class:`MultiScaleRetention`, plus ``gk_down.kernel [D, r]`` (embed, None) and
     ``gk_up.kernel [r, H, K]`` (None, heads, head_dim) with ``gk_up.bias [H, K]``.
     """
 
-    _kind = "channel"
+    _op = "gla"
 
     def __init__(
         self,
@@ -1113,13 +933,15 @@ class GatedLinearAttention(_GatedOutputMixer):
         clamp_min: float | None = None,
         impl: str = "auto",
         chunk_size: int = 64,
+        mesh_axes: MeshAxes = MeshAxes(),
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
         kernel_init=None,
         rngs: nnx.Rngs,
     ):
         owner = "GatedLinearAttention"
-        self._setup(owner, dim, num_heads, impl, chunk_size, dtype, param_dtype)
+        self._setup(owner, dim, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype,
+                    mesh_axes=mesh_axes)
         self._check_qkv(owner, expand_k, expand_v, feature_map, use_short_conv, conv_size, conv_bias,
                         use_output_gate, norm_eps)
         self.gate_logit_normalizer = check_float(
@@ -1159,7 +981,8 @@ class GatedLinearAttention(_GatedOutputMixer):
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None, valid_lengths=None):
         """``x [B, T, D] -> y [B, T, D]`` (with a cache ``(y, new_cache)``); ``positions`` is unused."""
-        batch, length, mask = self._begin(x, segment_ids, cache, valid_lengths)
+        mask = self._begin(x, segment_ids, cache, valid_lengths)
+        batch, length = x.shape[:2]
         convs: list = []
         q, k, v = self._project_qkv(x, segment_ids=segment_ids, cache=cache, mask=mask, convs=convs)
         logits = self.gk_up(self.gk_down(x))

@@ -1,10 +1,11 @@
-"""Runs the attention layer under an 8-device CPU mesh; executed in a subprocess by test_mesh.py.
+"""Runs mixers under an 8-device CPU mesh; executed in a subprocess by test_mesh.py.
 
 It needs ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` set before JAX is imported, which
 a pytest process that already imported JAX cannot do.
 
-Usage: ``python mesh_check.py IMPL:NUM_KV_HEADS[:full] ...``; ``full`` adds gradients and
-prefill + decode to the forward check. Every check asserts; the script prints one ``ok`` line per
+Usage: ``python mesh_check.py IMPL:NUM_KV_HEADS[:full] ... recurrent:MIXER:IMPL ...``: the
+attention layer (``full`` adds gradients and prefill + decode to the forward check), or a
+registered recurrent mixer (always forward, gradients and prefill + decode). Every check asserts; the script prints one ``ok`` line per
 check and exits non-zero on failure.
 """
 
@@ -21,7 +22,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from attnzoo.layers import Attention  # noqa: E402
+from attnzoo.layers import Attention, create_mixer  # noqa: E402
 
 
 
@@ -71,11 +72,27 @@ def _decode(module, x, prefill):
 def check(impl: str, num_kv_heads: int, axis_type: AxisType = AxisType.Auto, full: bool = False):
     options = dict(dim=32, num_heads=4, num_kv_heads=num_kv_heads, qk_norm=True, window=(5, 0), impl=impl)
     label = f"impl={impl} num_kv_heads={num_kv_heads} axes={axis_type.name}"
+    _compare(lambda rngs: Attention(rngs=rngs, **options), impl, label, logical_rules(num_kv_heads, 2), full, axis_type)
+
+
+RECURRENT_RULES = (("embed", "fsdp"), ("heads", "tensor"), ("head_dim", None), ("norm", None), ("conv_kernel", None))
+
+
+def check_recurrent(mixer: str, impl: str):
+    """A recurrent mixer (4 heads over the tensor axis, batch over data x fsdp)."""
+    label = f"mixer={mixer} impl={impl}"
+    _compare(lambda rngs: create_mixer(mixer, dim=32, num_heads=4, impl=impl, chunk_size=16, rngs=rngs),
+             impl, label, RECURRENT_RULES, full=True)
+
+
+def _compare(build, impl: str, label: str, rules, full: bool, axis_type: AxisType = AxisType.Auto):
+    """The module built under the mesh equals the unsharded one: forward (with segment_ids), and
+    with ``full`` every parameter gradient and prefill + one-token decoding."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(4, 12, 32)), jnp.float32)
     segment_ids = jnp.asarray(np.repeat([[0, 1], [2, 2], [3, 4], [5, 6]], 6, axis=1), jnp.int32)
 
-    unsharded = Attention(rngs=nnx.Rngs(0), **options)
+    unsharded = build(nnx.Rngs(0))
     y_ref, jaxpr = _forward(unsharded, x, segment_ids)
     assert "shard_map" not in str(jaxpr), "shard_map used without a mesh"
     loss_grad = nnx.jit(nnx.grad(lambda m, x: jnp.mean(m(x) ** 2)))
@@ -84,8 +101,8 @@ def check(impl: str, num_kv_heads: int, axis_type: AxisType = AxisType.Auto, ful
         grads_ref = nnx.state(loss_grad(unsharded, x))
 
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(axis_type,) * 3)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(num_kv_heads, mesh.shape["tensor"])):
-        module = Attention(rngs=nnx.Rngs(0), **options)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        module = build(nnx.Rngs(0))
         kernel = module.q_proj.kernel[...]
         assert kernel.sharding.spec == P("fsdp", "tensor", None), kernel.sharding
         x_sharded = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
@@ -113,5 +130,9 @@ def check(impl: str, num_kv_heads: int, axis_type: AxisType = AxisType.Auto, ful
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
     for spec in sys.argv[1:] or ["xla:2:full"]:
+        if spec.startswith("recurrent:"):
+            _, mixer, impl = spec.split(":")
+            check_recurrent(mixer, impl)
+            continue
         impl, num_kv_heads, *rest = spec.split(":")
         check(impl, int(num_kv_heads), full=rest == ["full"])

@@ -520,3 +520,12 @@ def test_rejects_bad_inputs_and_caches(name):
         module(x, cache=RecurrentCache(cache.state, (), cache.lengths))
     with pytest.raises(ValueError, match="batch must be an int >= 1"):
         module.init_cache(0, 8)
+
+
+def test_mesh_axes_must_be_mesh_axes():
+    from attnzoo.layers import MeshAxes
+
+    with pytest.raises(TypeError, match="GatedDeltaNet: mesh_axes must be a MeshAxes, got str"):
+        GatedDeltaNet(dim=16, num_heads=2, mesh_axes="tensor", rngs=nnx.Rngs(0))
+    module = KimiDeltaAttention(dim=16, num_heads=2, mesh_axes=MeshAxes(batch=("data",), heads=None), rngs=nnx.Rngs(0))
+    assert module.mesh_axes.heads is None and module.mesh_axes.batch == ("data",)
