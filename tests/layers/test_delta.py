@@ -14,6 +14,7 @@ from attnzoo.layers import delta
 from attnzoo.layers.delta import DeltaNet, GatedDeltaNet, KimiDeltaAttention
 from attnzoo.pallas_kernels.testing import assert_close, float64, rel_rms
 from attnzoo.zoo import DecoderLM
+from tests.layers.numpy_layers import dense, param64, rms_norm, short_conv, sigmoid, silu, softplus
 
 CLASSES = {"deltanet": DeltaNet, "gated_deltanet": GatedDeltaNet, "kda": KimiDeltaAttention}
 
@@ -21,51 +22,6 @@ CLASSES = {"deltanet": DeltaNet, "gated_deltanet": GatedDeltaNet, "kda": KimiDel
 # ---------------------------------------------------------------------------------------------
 # An independent float64 numpy implementation of the published layers (token by token)
 # ---------------------------------------------------------------------------------------------
-
-
-def _p(variable):
-    return np.asarray(variable[...], np.float64)
-
-
-def _dense(module, x):
-    out = np.tensordot(x, _p(module.kernel), axes=len(module.in_features))
-    return out if module.bias is None else out + _p(module.bias)
-
-
-def _silu(x):
-    return x / (1.0 + np.exp(-x))
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _softplus(x):
-    return np.logaddexp(0.0, x)
-
-
-def _conv(conv, x, segment_ids):
-    """Causal depthwise conv of ``x [B,T,C]``: y_t = sum_j w[j] x[t-(K-1)+j] within the segment."""
-    weight = _p(conv.weight)
-    taps = weight.shape[0]
-    batch, length, _ = x.shape
-    y = np.zeros_like(x)
-    for b in range(batch):
-        for t in range(length):
-            for j in range(taps):
-                source = t - (taps - 1) + j
-                if source < 0:
-                    continue
-                if segment_ids is not None and np.any(segment_ids[b, source : t + 1] != segment_ids[b, t]):
-                    continue
-                y[b, t] += weight[j] * x[b, source]
-    if conv.bias is not None:
-        y = y + _p(conv.bias)
-    return _silu(y) if conv.activation == "silu" else y
-
-
-def _rms(x, scale, eps):
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
 def _l2(x):
@@ -77,15 +33,15 @@ def numpy_layer(m, x, segment_ids=None):
     x = np.asarray(x, np.float64)
     batch, length, _ = x.shape
     h, hv, dk, dv = m.num_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim
-    q, k, v = _dense(m.q_proj, x), _dense(m.k_proj, x), _dense(m.v_proj, x)
+    q, k, v = dense(m.q_proj, x), dense(m.k_proj, x), dense(m.v_proj, x)
     if m.use_short_conv:
-        q = _conv(m.q_conv1d, q.reshape(batch, length, -1), segment_ids).reshape(q.shape)
-        k = _conv(m.k_conv1d, k.reshape(batch, length, -1), segment_ids).reshape(k.shape)
-        v = _conv(m.v_conv1d, v.reshape(batch, length, -1), segment_ids).reshape(v.shape)
+        q = short_conv(m.q_conv1d, q.reshape(batch, length, -1), segment_ids).reshape(q.shape)
+        k = short_conv(m.k_conv1d, k.reshape(batch, length, -1), segment_ids).reshape(k.shape)
+        v = short_conv(m.v_conv1d, v.reshape(batch, length, -1), segment_ids).reshape(v.shape)
     else:
         if m.qk_conv_activation == "silu":
-            q, k = _silu(q), _silu(k)
-        v = _silu(v)
+            q, k = silu(q), silu(k)
+        v = silu(v)
     if isinstance(m, DeltaNet):
         act = {"silu": lambda a: a, "relu": lambda a: np.maximum(a, 0), "identity": lambda a: a,
                "elu": lambda a: np.where(a > 0, a + 1.0, np.exp(a))}[m.qk_activation]
@@ -94,18 +50,18 @@ def numpy_layer(m, x, segment_ids=None):
             q, k = q / q.sum(-1, keepdims=True), k / k.sum(-1, keepdims=True)
         else:
             q, k = _l2(q), _l2(k)
-        beta = _sigmoid(_dense(m.b_proj, x)) if m.use_beta else np.ones((batch, length, h))
+        beta = sigmoid(dense(m.b_proj, x)) if m.use_beta else np.ones((batch, length, h))
         gate = None
     elif isinstance(m, GatedDeltaNet):
         q, k = _l2(q), _l2(k)
-        beta = _sigmoid(_dense(m.b_proj, x))
-        gate = -np.exp(_p(m.A_log)) * _softplus(_dense(m.a_proj, x) + _p(m.dt_bias))  # [B,T,Hv]
+        beta = sigmoid(dense(m.b_proj, x))
+        gate = -np.exp(param64(m.A_log)) * softplus(dense(m.a_proj, x) + param64(m.dt_bias))  # [B,T,Hv]
     else:
         q, k = _l2(q), _l2(k)
-        beta = _sigmoid(_dense(m.b_proj, x))
-        f = _dense(m.f_b_proj, _dense(m.f_a_proj, x)) + _p(m.dt_bias)  # [B,T,Hv,K]
-        rate = np.exp(_p(m.A_log))[:, None]
-        gate = -rate * _softplus(f) if m.lower_bound is None else m.lower_bound * _sigmoid(rate * f)
+        beta = sigmoid(dense(m.b_proj, x))
+        f = dense(m.f_b_proj, dense(m.f_a_proj, x)) + param64(m.dt_bias)  # [B,T,Hv,K]
+        rate = np.exp(param64(m.A_log))[:, None]
+        gate = -rate * softplus(f) if m.lower_bound is None else m.lower_bound * sigmoid(rate * f)
     if m.allow_neg_eigval:
         beta = 2.0 * beta
 
@@ -128,13 +84,13 @@ def numpy_layer(m, x, segment_ids=None):
 
     if isinstance(m, KimiDeltaAttention):
         norm = m.o_norm.norm
-        o = _rms(out, _p(norm.scale), norm.epsilon) * _sigmoid(_dense(m.g_b_proj, _dense(m.g_a_proj, x)))
+        o = rms_norm(out, param64(norm.scale), norm.epsilon) * sigmoid(dense(m.g_b_proj, dense(m.g_a_proj, x)))
     elif m.use_gate:
         norm = m.o_norm.norm
-        o = _rms(out, _p(norm.scale), norm.epsilon) * _silu(_dense(m.g_proj, x))
+        o = rms_norm(out, param64(norm.scale), norm.epsilon) * silu(dense(m.g_proj, x))
     else:
-        o = _rms(out, _p(m.o_norm.scale), m.o_norm.epsilon)
-    return _dense(m.o_proj, o)
+        o = rms_norm(out, param64(m.o_norm.scale), m.o_norm.epsilon)
+    return dense(m.o_proj, o)
 
 
 def _randomize(module, seed=0, scale=0.3):

@@ -13,6 +13,8 @@ from attnzoo import layers, zoo
 from attnzoo.layers import linear
 from attnzoo.layers.common import RecurrentCache
 from attnzoo.pallas_kernels.testing import assert_close, float64
+from tests.layers.numpy_layers import dense, param64, rms_norm, short_conv, sigmoid, silu
+from tests.zoo.helpers import randomize
 
 MIXERS = ("linear_attention", "based", "base_conv", "retnet", "lightning", "gla")
 
@@ -22,49 +24,10 @@ MIXERS = ("linear_attention", "based", "base_conv", "retnet", "lightning", "gla"
 # ---------------------------------------------------------------------------------------------
 
 
-def _randomize(module, seed, scale=0.3):
-    """Random values in every parameter (biases, norm scales, conv taps), norm scales around one.
-
-    Also makes a module from ``nnx.eval_shape`` concrete (see :func:`_build`).
-    """
-    rng = np.random.default_rng(seed)
-    for path, variable in nnx.iter_graph(module):
-        if isinstance(variable, nnx.Param):
-            current = variable.get_value()  # an array, or a ShapeDtypeStruct after nnx.eval_shape
-            value = rng.normal(size=current.shape) * scale
-            if path[-1] == "scale":
-                value = value + 1.0
-            variable.set_value(jnp.asarray(value, current.dtype))
-    return module
-
-
 def _build(mixer, seed=0, **kwargs):
     """The registered mixer with random parameters, built abstractly (no initializer runs)."""
     module = nnx.eval_shape(lambda: layers.create_mixer(mixer, rngs=nnx.Rngs(seed), **kwargs))
-    return _randomize(module, seed)
-
-
-def _p(variable):
-    return np.asarray(variable[...], np.float64)
-
-
-def _dense(module, x):
-    """``x [..., *in] @ kernel [*in, *out] + bias`` in float64."""
-    y = np.tensordot(x, _p(module.kernel), axes=len(module.in_features))
-    return y if module.bias is None else y + _p(module.bias)
-
-
-def _silu(x):
-    return x / (1.0 + np.exp(-x))
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _rms(x, scale, eps):
-    y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
-    return y if scale is None else y * scale
+    return randomize(module, seed)
 
 
 def _layer_norm(x, scale, bias, eps):
@@ -77,28 +40,9 @@ def _segments(segment_ids, batch, length):
     return np.zeros((batch, length), int) if segment_ids is None else np.asarray(segment_ids)
 
 
-def _short_conv(conv, x, segment_ids=None):
-    """Causal depthwise conv + silu over ``x [B, T, C]``, taps never crossing a segment start."""
-    weight = _p(conv.weight)  # [K, C]: weight[K-1] multiplies the current token
-    taps = weight.shape[0]
-    batch, length, _ = x.shape
-    seg = _segments(segment_ids, batch, length)
-    y = np.zeros_like(x)
-    for b in range(batch):
-        for t in range(length):
-            for lag in range(taps):
-                s = t - lag
-                if s < 0 or seg[b, s] != seg[b, t]:
-                    break
-                y[b, t] += weight[taps - 1 - lag] * x[b, s]
-    if conv.bias is not None:
-        y = y + _p(conv.bias)
-    return _silu(y)
-
-
 def _conv_heads(conv, x, segment_ids):
     """The short conv over the flattened head axes of ``x [B, T, H, K]``."""
-    return _short_conv(conv, x.reshape(*x.shape[:2], -1), segment_ids).reshape(x.shape)
+    return short_conv(conv, x.reshape(*x.shape[:2], -1), segment_ids).reshape(x.shape)
 
 
 def _rope(x, positions, theta):
@@ -146,14 +90,14 @@ def _recurrence(q, k, v, decay, scale, segment_ids=None, normalize=False):
 
 def _feature_map(fm, x):
     if fm.kind == "elementwise_product":
-        return _dense(fm.proj, x) * _dense(fm.proj2, x)
+        return dense(fm.proj, x) * dense(fm.proj2, x)
     if fm.kind == "hedgehog":
-        y = 2 * _dense(fm.proj, x)
+        y = 2 * dense(fm.proj, x)
         both = np.concatenate([y, -y], -1)
         e = np.exp(both - both.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
     if fm.kind == "t2r":
-        return np.maximum(_dense(fm.proj, x), 0)
+        return np.maximum(dense(fm.proj, x), 0)
     if fm.kind == "elu":
         return np.where(x > 0, x + 1, np.exp(x))
     if fm.kind == "relu":
@@ -162,17 +106,17 @@ def _feature_map(fm, x):
 
 
 def numpy_linear_attention(m, x, segment_ids=None, positions=None):
-    q = _feature_map(m.feature_map_q, _dense(m.q_proj, x))
-    k = _feature_map(m.feature_map_k or m.feature_map_q, _dense(m.k_proj, x))
-    v = _dense(m.v_proj, x)
+    q = _feature_map(m.feature_map_q, dense(m.q_proj, x))
+    k = _feature_map(m.feature_map_k or m.feature_map_q, dense(m.k_proj, x))
+    v = dense(m.v_proj, x)
     if m.norm_q:
         q = q / (q.sum(-1, keepdims=True) + 1e-4)
     if m.norm_k:
         k = k / (k.sum(-1, keepdims=True) + 1e-4)
     o = _recurrence(q, k, v, None, q.shape[-1] ** -0.5, segment_ids, normalize=m.normalize)
     if m.norm is not None:
-        o = _rms(o, None if m.norm.scale is None else _p(m.norm.scale), m.norm.epsilon)
-    return _dense(m.o_proj, o)
+        o = rms_norm(o, None if m.norm.scale is None else param64(m.norm.scale), m.norm.epsilon)
+    return dense(m.o_proj, o)
 
 
 def _taylor_expanded(x):
@@ -183,9 +127,9 @@ def _taylor_expanded(x):
 
 
 def numpy_based(m, x, segment_ids=None, positions=None):
-    q = _taylor_expanded(_dense(m.q_proj, x))
-    k = _taylor_expanded(_dense(m.k_proj, x))
-    v = _dense(m.v_proj, x)
+    q = _taylor_expanded(dense(m.q_proj, x))
+    k = _taylor_expanded(dense(m.k_proj, x))
+    v = dense(m.v_proj, x)
     batch, length = x.shape[:2]
     seg = _segments(segment_ids, batch, length)
     out = np.zeros(v.shape)
@@ -194,20 +138,20 @@ def numpy_based(m, x, segment_ids=None, positions=None):
             visible = [s for s in range(t + 1) if seg[b, s] == seg[b, t]]
             weights = np.einsum("hf,shf->sh", q[b, t], k[b, visible])  # [S, H]
             out[b, t] = np.einsum("sh,shv->hv", weights, v[b, visible]) / (weights.sum(0)[:, None] + 1e-10)
-    return _dense(m.o_proj, out)
+    return dense(m.o_proj, out)
 
 
 def numpy_base_conv(m, x, segment_ids=None, positions=None):
-    u = _short_conv(m.conv, _dense(m.in_proj, x), segment_ids)
-    return _dense(m.out_proj, u * _dense(m.gate_proj, x))
+    u = short_conv(m.conv, dense(m.in_proj, x), segment_ids)
+    return dense(m.out_proj, u * dense(m.gate_proj, x))
 
 
 def _qkv(m, x, segment_ids):
-    q, k, v = _dense(m.q_proj, x), _dense(m.k_proj, x), _dense(m.v_proj, x)
+    q, k, v = dense(m.q_proj, x), dense(m.k_proj, x), dense(m.v_proj, x)
     if m.use_short_conv:
         q, k, v = (_conv_heads(c, a, segment_ids) for c, a in ((m.q_conv, q), (m.k_conv, k), (m.v_conv, v)))
     if m.feature_map in ("swish", "silu"):
-        q, k = _silu(q), _silu(k)
+        q, k = silu(q), silu(k)
     elif m.feature_map == "relu":
         q, k = np.maximum(q, 0), np.maximum(k, 0)
     return q, k, v
@@ -216,10 +160,10 @@ def _qkv(m, x, segment_ids):
 def _gated_output(m, x, o):
     if m.g_proj is not None:
         norm = m.g_norm.norm
-        o = _rms(o, _p(norm.scale), norm.epsilon) * _silu(_dense(m.g_proj, x))
+        o = rms_norm(o, param64(norm.scale), norm.epsilon) * silu(dense(m.g_proj, x))
     else:
-        o = _rms(o, _p(m.g_norm.scale), m.g_norm.epsilon)
-    return _dense(m.o_proj, o)
+        o = rms_norm(o, param64(m.g_norm.scale), m.g_norm.epsilon)
+    return dense(m.o_proj, o)
 
 
 def numpy_retnet(m, x, segment_ids=None, positions=None):
@@ -241,23 +185,23 @@ def _alibi(n):
 
 def numpy_lightning(m, x, segment_ids=None, positions=None):
     batch, length = x.shape[:2]
-    q, k, v = _silu(_dense(m.q_proj, x)), _silu(_dense(m.k_proj, x)), _silu(_dense(m.v_proj, x))
+    q, k, v = silu(dense(m.q_proj, x)), silu(dense(m.k_proj, x)), silu(dense(m.v_proj, x))
     ratio = m.layer_idx / (m.num_layers - 1) if m.num_layers > 1 else 0.0
     slopes = np.asarray(_alibi(m.num_heads)) * (1 - ratio + 1e-5)
     o = _recurrence(q, k, v, np.broadcast_to(np.exp(-slopes), (batch, length, m.num_heads)), 1.0, segment_ids)
     o = o.reshape(batch, length, -1)
     if isinstance(m.norm, layers.RMSNorm):
-        o = _rms(o, _p(m.norm.scale), m.norm.epsilon)
+        o = rms_norm(o, param64(m.norm.scale), m.norm.epsilon)
     else:
-        o = _layer_norm(o, _p(m.norm.scale), _p(m.norm.bias), m.norm.epsilon)
-    gate = _dense(m.gate_proj, x) if m.gate_proj is not None else _dense(m.gate_up, _dense(m.gate_down, x))
-    o = o * _sigmoid(gate.reshape(o.shape))
-    return _dense(m.o_proj, o.reshape(batch, length, m.num_heads, m.head_dim))
+        o = _layer_norm(o, param64(m.norm.scale), param64(m.norm.bias), m.norm.epsilon)
+    gate = dense(m.gate_proj, x) if m.gate_proj is not None else dense(m.gate_up, dense(m.gate_down, x))
+    o = o * sigmoid(gate.reshape(o.shape))
+    return dense(m.o_proj, o.reshape(batch, length, m.num_heads, m.head_dim))
 
 
 def numpy_gla(m, x, segment_ids=None, positions=None):
     q, k, v = _qkv(m, x, segment_ids)
-    logits = _dense(m.gk_up, _dense(m.gk_down, x))
+    logits = dense(m.gk_up, dense(m.gk_down, x))
     gk = -np.logaddexp(0.0, -logits) / m.gate_logit_normalizer
     if m.clamp_min is not None:
         gk = np.maximum(gk, m.clamp_min)
@@ -347,7 +291,7 @@ def test_float64_forward_matches_numpy_loop(case):
 
 @pytest.mark.parametrize("kind", linear.FeatureMap.KINDS)
 def test_feature_maps_match_numpy(kind):
-    fm = _randomize(nnx.eval_shape(lambda: linear.FeatureMap(kind, 5, rngs=nnx.Rngs(0))), 1)
+    fm = randomize(nnx.eval_shape(lambda: linear.FeatureMap(kind, 5, rngs=nnx.Rngs(0))), 1)
     x = np.random.default_rng(2).normal(size=(3, 2, 5)).astype(np.float32)
     out = fm(jnp.asarray(x))
     assert out.shape == (3, 2, fm.features)
@@ -547,7 +491,7 @@ def test_mixers_in_decoder_lm():
     # A Based LM's pattern (BaseConv, Based, sliding-window attention) followed by the other mixers.
     pattern = "base_conv,based,swa,linear_attention,retnet,lightning,gla"
     options = {"based": {"feature_dim": 4}, "lightning": {"num_layers": 2}}
-    model = _randomize(nnx.eval_shape(lambda: zoo.create_model(
+    model = randomize(nnx.eval_shape(lambda: zoo.create_model(
         "lm_nano", pattern=pattern, depth=7, dim=16, vocab_size=32, sliding_window=4, mixer_options=options,
         rngs=nnx.Rngs(0))), 0)
     blocks = model.blocks.layers.blocks
