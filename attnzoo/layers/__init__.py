@@ -17,12 +17,12 @@ from attnzoo.layers.common import (
     RotaryEmbedding,
     GatedRMSNorm,
     RecurrentCache,
+    RecurrentMixer,
     ShortConvolution,
     apply_rope,
     partitioned,
     shard_map_batch_heads,
 )
-from attnzoo.layers.recurrent import RecurrentMixer
 from attnzoo.layers.registry import create_mixer, get_mixer_class, list_mixers, register_mixer
 
 __all__ = [

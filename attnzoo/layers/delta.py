@@ -45,17 +45,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnzoo.layers.common import (
-    DType,
     Dense,
+    DType,
     GatedRMSNorm,
     MeshAxes,
     RecurrentCache,
+    RecurrentMixer,
     RMSNorm,
     ShortConvolution,
+    check_bool,
+    check_choice,
     compute_dtype,
     partitioned,
 )
-from attnzoo.layers.recurrent import RecurrentMixer, check_bool, check_choice
 from attnzoo.layers.registry import register_mixer
 from attnzoo.pallas_kernels.common import check_float, check_int
 
@@ -296,7 +298,7 @@ class DeltaNet(_DeltaRuleMixer):
         output RMSNorm (1e-5).
       impl: the op's "auto" | "reference" | "xla" | "pallas". chunk_size: the op's chunk (power of
         two >= 16). mesh_axes: :class:`MeshAxes` sharding batch and heads of the Pallas op under
-        an active mesh (see :mod:`attnzoo.layers.recurrent`).
+        an active mesh (see :mod:`attnzoo.layers.common`).
       dtype: compute dtype (default: promotion of input and params); states are float32.
       param_dtype: parameter dtype. kernel_init: initializer of the projection kernels (default
         Lecun normal). rngs: ``nnx.Rngs`` with a ``params`` stream.

@@ -64,16 +64,18 @@ import numpy as np
 from flax import nnx
 
 from attnzoo.layers.common import (
-    DType,
     Dense,
+    DType,
     GatedRMSNorm,
     LayerNorm,
     MeshAxes,
+    RecurrentMixer,
     RMSNorm,
     ShortConvolution,
     apply_rope,
+    check_bool,
+    check_choice,
 )
-from attnzoo.layers.recurrent import RecurrentMixer, check_bool, check_choice
 from attnzoo.layers.registry import register_mixer
 from attnzoo.pallas_kernels.common import check_float, check_int
 
@@ -252,7 +254,7 @@ class LinearAttention(RecurrentMixer):
       output_norm: "rmsnorm" (per head, over ``V``) or "identity". elementwise_affine: learn its scale.
       norm_eps: RMSNorm epsilon (fla's 1e-5).
       impl / chunk_size: passed to the op. mesh_axes: :class:`MeshAxes` sharding batch and heads of
-        the Pallas op under an active mesh (see :mod:`attnzoo.layers.recurrent`).
+        the Pallas op under an active mesh (see :mod:`attnzoo.layers.common`).
       dtype / param_dtype: compute / parameter dtypes.
       kernel_init: initialiser of the projections. rngs: ``nnx.Rngs`` with a ``params`` stream.
 
