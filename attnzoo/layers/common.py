@@ -839,11 +839,13 @@ class RecurrentMixer(nnx.Module):
     * overrides ``_conv_modules()`` when it has short convolutions: their order is the order of
       ``cache.conv`` and of the ``index`` of :meth:`_convolve`;
     * in ``__call__``: ``mask = self._begin(x, ...)``, builds q, k, v (short convolutions through
-      :meth:`_convolve`), ``out, state = self._recur(...)``, and returns :meth:`_finish`.
+      :meth:`_convolve`), ``out, state = self._recur(...)``, and returns :meth:`_finish`;
+    * in ``flops``: ``seq_len = self._flops_seq_len(seq_len, kv_len)``.
 
-    Under an active mesh with ``impl`` resolving to ``pallas``, the chunked op runs per shard of
-    batch and heads in ``jax.shard_map`` (:func:`shard_map_batch_heads`, axes from ``mesh_axes``):
-    the SPMD partitioner does not split Pallas kernels. ``xla`` and ``reference`` are left to it.
+    Errors name the concrete class (``"GatedDeltaNet: ..."``). Under an active mesh with ``impl``
+    resolving to ``pallas``, the chunked op runs per shard of batch and heads in ``jax.shard_map``
+    (:func:`shard_map_batch_heads`, axes from ``mesh_axes``): the SPMD partitioner does not split
+    Pallas kernels. ``xla`` and ``reference``, and the one-token step (plain ``jnp``), are left to it.
     """
 
     _op = "linear_attention"
@@ -852,6 +854,7 @@ class RecurrentMixer(nnx.Module):
 
     def _setup(self, owner: str, dim: int, num_heads: int, *, impl: str, chunk_size: int,
                dtype: DType | None, param_dtype: DType, mesh_axes: MeshAxes):
+        """Checks and records the arguments every recurrent mixer takes (errors name ``owner``)."""
         self.dim = check_int(owner, "dim", dim)
         self.num_heads = check_int(owner, "num_heads", num_heads)
         self.impl = check_choice(owner, "impl", impl, pk_linear_rnn.IMPLS)

@@ -5,8 +5,8 @@ a pytest process that already imported JAX cannot do.
 
 Usage: ``python mesh_check.py IMPL:NUM_KV_HEADS[:full] ... recurrent:MIXER:IMPL ...``: the
 attention layer (``full`` adds gradients and prefill + decode to the forward check), or a
-registered recurrent mixer (always forward, gradients and prefill + decode). Every check asserts; the script prints one ``ok`` line per
-check and exits non-zero on failure.
+registered recurrent mixer (always forward, gradients and prefill + decode). Every check asserts;
+the script prints one ``ok`` line per check and exits non-zero on failure.
 """
 
 import os
@@ -23,7 +23,6 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from attnzoo.layers import Attention, create_mixer  # noqa: E402
-
 
 
 def logical_rules(num_kv_heads: int, tensor_size: int):
@@ -51,8 +50,9 @@ def _forward(module, x, segment_ids=None):
     return run(state, x, segment_ids), jax.make_jaxpr(run)(state, x, segment_ids)
 
 
-def _decode(module, x, prefill):
-    """Prefill ``prefill`` tokens, then decode the rest one by one; concatenated outputs."""
+def _decode(module, x, prefills):
+    """Prefill chunks of ``prefills`` tokens one after the other (the first from an empty cache, the
+    next ones from the state it left), then decode the rest one by one; concatenated outputs."""
     graphdef, state = nnx.split(module)
 
     @jax.jit
@@ -60,45 +60,60 @@ def _decode(module, x, prefill):
         return nnx.merge(graphdef, state)(x, cache=cache)
 
     cache = module.init_cache(x.shape[0], x.shape[1])
-    outputs = []
-    y, cache = step(state, x[:, :prefill], cache)
-    outputs.append(y)
-    for t in range(prefill, x.shape[1]):
+    outputs, start = [], 0
+    for size in prefills:
+        y, cache = step(state, x[:, start : start + size], cache)
+        outputs.append(y)
+        start += size
+    for t in range(start, x.shape[1]):
         y, cache = step(state, x[:, t : t + 1], cache)
         outputs.append(y)
     return jnp.concatenate(outputs, axis=1)
 
 
+def _segment_ids(length, cuts):
+    """``[4, length]`` int32 ids: row ``b`` starts a new document at each position in ``cuts[b]``
+    (ids differ between rows)."""
+    ids = np.zeros((4, length), np.int32)
+    for b, row in enumerate(cuts):
+        ids[b] = 10 * b + np.searchsorted(np.asarray(row), np.arange(length), side="right")
+    return jnp.asarray(ids)
+
+
 def check(impl: str, num_kv_heads: int, axis_type: AxisType = AxisType.Auto, full: bool = False):
     options = dict(dim=32, num_heads=4, num_kv_heads=num_kv_heads, qk_norm=True, window=(5, 0), impl=impl)
     label = f"impl={impl} num_kv_heads={num_kv_heads} axes={axis_type.name}"
-    _compare(lambda rngs: Attention(rngs=rngs, **options), impl, label, logical_rules(num_kv_heads, 2), full, axis_type)
+    _compare(lambda rngs: Attention(rngs=rngs, **options), impl, label, logical_rules(num_kv_heads, 2), full, axis_type,
+             length=12, cuts=[[6], [], [6], [6]], prefills=(5,))
 
 
 RECURRENT_RULES = (("embed", "fsdp"), ("heads", "tensor"), ("head_dim", None), ("norm", None), ("conv_kernel", None))
 
 
 def check_recurrent(mixer: str, impl: str):
-    """A recurrent mixer (4 heads over the tensor axis, batch over data x fsdp)."""
+    """A recurrent mixer (4 heads over the tensor axis, batch over data x fsdp), T = 40 in chunks
+    of 16 (three chunks, the last one partial): documents end inside and at chunk boundaries; a
+    prefill of 20 tokens, one of 17 from the state it left, then 3 one-token steps."""
     label = f"mixer={mixer} impl={impl}"
-    _compare(lambda rngs: create_mixer(mixer, dim=32, num_heads=4, impl=impl, chunk_size=16, rngs=rngs),
-             impl, label, RECURRENT_RULES, full=True)
+    _compare(lambda rngs: create_mixer(mixer, dim=16, num_heads=4, impl=impl, chunk_size=16, rngs=rngs),
+             impl, label, RECURRENT_RULES, full=True, length=40, cuts=[[13], [], [16, 25], [7, 33]],
+             prefills=(20, 17))
 
 
-def _compare(build, impl: str, label: str, rules, full: bool, axis_type: AxisType = AxisType.Auto):
-    """The module built under the mesh equals the unsharded one: forward (with segment_ids), and
-    with ``full`` every parameter gradient and prefill + one-token decoding."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(4, 12, 32)), jnp.float32)
-    segment_ids = jnp.asarray(np.repeat([[0, 1], [2, 2], [3, 4], [5, 6]], 6, axis=1), jnp.int32)
-
+def _compare(build, impl: str, label: str, rules, full: bool, axis_type: AxisType = AxisType.Auto, *,
+             length: int, cuts, prefills):
+    """The module built under the mesh equals the unsharded one: forward (with segment_ids starting
+    new documents at ``cuts``), and with ``full`` every parameter gradient and decoding (prefill
+    chunks of ``prefills`` tokens, then one-token steps)."""
     unsharded = build(nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, length, unsharded.dim)), jnp.float32)
+    segment_ids = _segment_ids(length, cuts)
     y_ref, jaxpr = _forward(unsharded, x, segment_ids)
     assert "shard_map" not in str(jaxpr), "shard_map used without a mesh"
-    loss_grad = nnx.jit(nnx.grad(lambda m, x: jnp.mean(m(x) ** 2)))
+    loss_grad = nnx.jit(nnx.grad(lambda m, x, segment_ids: jnp.mean(m(x, segment_ids=segment_ids) ** 2)))
     if full:
-        decode_ref = _decode(unsharded, x, 5)
-        grads_ref = nnx.state(loss_grad(unsharded, x))
+        decode_ref = _decode(unsharded, x, prefills)
+        grads_ref = nnx.state(loss_grad(unsharded, x, segment_ids))
 
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(axis_type,) * 3)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
@@ -115,12 +130,12 @@ def _compare(build, impl: str, label: str, rules, full: bool, axis_type: AxisTyp
             print(f"ok {label}", flush=True)
             return
 
-        grads = nnx.state(loss_grad(module, x_sharded))
+        grads = nnx.state(loss_grad(module, x_sharded, seg_sharded))
         for (path, leaf), ref in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_ref)):
             assert np.any(np.asarray(leaf) != 0), path
             np.testing.assert_allclose(np.asarray(leaf), np.asarray(ref), rtol=1e-4, atol=1e-6, err_msg=str(path))
 
-        decoded = _decode(module, x_sharded, 5)
+        decoded = _decode(module, x_sharded, prefills)
         np.testing.assert_allclose(np.asarray(decoded), np.asarray(decode_ref), rtol=1e-5, atol=1e-5)
         full_forward = _forward(module, x_sharded)[0]
         np.testing.assert_allclose(np.asarray(decoded), np.asarray(full_forward), rtol=2e-5, atol=2e-5)

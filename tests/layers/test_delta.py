@@ -15,6 +15,14 @@ from attnzoo.layers.delta import DeltaNet, GatedDeltaNet, KimiDeltaAttention
 from attnzoo.pallas_kernels.testing import assert_close, float64, rel_rms
 from attnzoo.zoo import DecoderLM
 from tests.layers.numpy_layers import dense, param64, rms_norm, short_conv, sigmoid, silu, softplus
+from tests.layers.recurrent_testing import (
+    assert_gradients_reach_every_parameter,
+    assert_padding_step_keeps_row,
+    assert_rejects_bad_calls,
+    decode_in_pieces,
+    recurrence,
+)
+from tests.zoo.helpers import fast_jit, logical_axes
 
 CLASSES = {"deltanet": DeltaNet, "gated_deltanet": GatedDeltaNet, "kda": KimiDeltaAttention}
 
@@ -32,7 +40,7 @@ def numpy_layer(m, x, segment_ids=None):
     """The layer of fla (delta_net.py / gated_deltanet.py / kda.py) from m's parameters."""
     x = np.asarray(x, np.float64)
     batch, length, _ = x.shape
-    h, hv, dk, dv = m.num_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim
+    h, hv, dk = m.num_heads, m.num_v_heads, m.head_k_dim
     q, k, v = dense(m.q_proj, x), dense(m.k_proj, x), dense(m.v_proj, x)
     if m.use_short_conv:
         q = short_conv(m.q_conv1d, q.reshape(batch, length, -1), segment_ids).reshape(q.shape)
@@ -65,22 +73,10 @@ def numpy_layer(m, x, segment_ids=None):
     if m.allow_neg_eigval:
         beta = 2.0 * beta
 
-    out = np.zeros((batch, length, hv, dv))
-    groups = hv // h
-    for b in range(batch):
-        for head in range(hv):
-            state = np.zeros((dk, dv))
-            for t in range(length):
-                if segment_ids is not None and t > 0 and segment_ids[b, t] != segment_ids[b, t - 1]:
-                    state = np.zeros((dk, dv))
-                qt, kt, vt = q[b, t, head // groups], k[b, t, head // groups], v[b, t, head]
-                if gate is not None and gate.ndim == 3:
-                    state = state * np.exp(gate[b, t, head])
-                elif gate is not None:
-                    state = state * np.exp(gate[b, t, head])[:, None]
-                write = beta[b, t, head] * (vt - kt @ state)
-                state = state + np.outer(kt, write)
-                out[b, t, head] = dk**-0.5 * (qt @ state)
+    groups = hv // h  # value head i reads query/key head i // groups
+    q, k = np.repeat(q, groups, axis=2), np.repeat(k, groups, axis=2)
+    decay = None if gate is None else np.exp(gate)
+    out = recurrence(q, k, v, scale=dk**-0.5, decay=decay, beta=beta, segment_ids=segment_ids)
 
     if isinstance(m, KimiDeltaAttention):
         norm = m.o_norm.norm
@@ -123,27 +119,6 @@ def _build(name, seed=0, param_dtype=jnp.float64, dim=12, num_heads=2, chunk_siz
     return _randomize(module, seed)
 
 
-# This file is dominated by XLA compile time; the backend's optimisation passes do not matter for
-# what is checked and skipping them halves it.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def _fast_jit(fn):
-    """``fn(module, *args)`` under ``jax.jit`` (module passed as its state) with FAST_COMPILE; one
-    program per module structure (seeds share it)."""
-    compiled = {}
-
-    def call(module, *args):
-        graphdef, state = nnx.split(module)
-        if graphdef not in compiled:
-            compiled[graphdef] = jax.jit(
-                lambda state, *args: fn(nnx.merge(graphdef, state), *args), compiler_options=FAST_COMPILE
-            )
-        return compiled[graphdef](state, *args)
-
-    return call
-
-
 CONFIGS = {
     "deltanet": dict(name="deltanet"),
     "deltanet_gate_elu_sum_negeig": dict(
@@ -170,18 +145,13 @@ def _case(config):
     return config.pop("name"), config
 
 
-_forward = _fast_jit(lambda module, x, segment_ids: module(x, segment_ids=segment_ids))
-_cached_forward = _fast_jit(
-    lambda module, x, cache, valid_lengths: module(x, cache=cache, valid_lengths=valid_lengths)
-)
+# This file is dominated by XLA compile time: fast_jit skips the backend's optimisation passes
+# and compiles one program per module structure (seeds share it).
+_forward = fast_jit(lambda module, x, segment_ids: module(x, segment_ids=segment_ids))
 
 
 def _apply(module, x, segment_ids=None):
     return _forward(module, x, segment_ids)
-
-
-def _cached(module, x, cache, valid_lengths=None):
-    return _cached_forward(module, x, cache, valid_lengths)
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
@@ -267,51 +237,23 @@ def test_prefill_then_steps_equal_full_forward(config):
         assert isinstance(cache, RecurrentCache) and cache.state.dtype == jnp.float64
         assert cache.state.shape == (2, module.num_v_heads, module.head_k_dim, module.head_v_dim)
         assert len(cache.conv) == (3 if module.use_short_conv else 0)
-        # One step, a 33-token chunk from that (non-zero) cache, then three more steps.
-        outputs = []
-        y, cache = _cached(module, x[:, :1], cache)
-        outputs.append(y)
-        y, cache = _cached(module, x[:, 1:34], cache)
-        outputs.append(y)
-        for t in range(34, 37):
-            y, cache = _cached(module, x[:, t : t + 1], cache)
-            outputs.append(y)
-        np.testing.assert_array_equal(cache.lengths, [37, 37])
-        assert_close(jnp.concatenate(outputs, 1), full, f"{config} decoded", dtype=jnp.float64)
+        # One token, a 33-token chunk from that (non-zero) cache, then three one-token steps.
+        first, rest, cache = decode_in_pieces(module, x, [1, 1], [33, 1, 1, 1])
+        assert_close(jnp.concatenate([first, rest], 1), full, f"{config} decoded", dtype=jnp.float64)
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_right_padded_prefill_then_steps(name):
     with float64():
         module = _build(name, 9, conv_bias=True)
-        rng = np.random.default_rng(10)
-        tokens = rng.normal(size=(2, 37, module.dim))
-        prompt_lengths = np.array([33, 20])
-        prompt = np.array(tokens[:, :33])
-        prompt[1, 20:] = rng.normal(size=(13, module.dim)) * 100  # junk padding must not leak
-        cache = module.init_cache(2, 64)
-        y_prompt, cache = _cached(module, jnp.asarray(prompt), cache, jnp.asarray(prompt_lengths))
-        np.testing.assert_array_equal(cache.lengths, prompt_lengths)
-        decoded = [[], []]
-        for step in range(4):
-            x_t = np.stack([tokens[0, 33 + step], tokens[1, 20 + step]])[:, None]
-            y_t, cache = _cached(module, jnp.asarray(x_t), cache)
-            decoded[0].append(y_t[0, 0])
-            decoded[1].append(y_t[1, 0])
-        np.testing.assert_array_equal(cache.lengths, prompt_lengths + 4)
+        tokens = np.random.default_rng(10).normal(size=(2, 37, module.dim))
+        prompt_lengths = [33, 20]  # row 1 is padded with junk that must not leak
+        y_prompt, steps, cache = decode_in_pieces(module, tokens, prompt_lengths, [1, 1, 1, 1], seed=10)
         full = _apply(module, jnp.asarray(tokens))
-        assert_close(y_prompt[0], full[0, :33], "row 0 prompt", dtype=jnp.float64)
-        assert_close(y_prompt[1, :20], full[1, :20], "row 1 prompt", dtype=jnp.float64)
-        assert_close(np.stack(decoded[0]), full[0, 33:37], "row 0 steps", dtype=jnp.float64)
-        assert_close(np.stack(decoded[1]), full[1, 20:24], "row 1 steps", dtype=jnp.float64)
-
-        # A padding decoding step (valid length 0) leaves that row's cache untouched.
-        _, after = _cached(module, jnp.asarray(tokens[:, :1]), cache, jnp.asarray([1, 0]))
-        np.testing.assert_array_equal(after.lengths, cache.lengths + np.array([1, 0]))
-        np.testing.assert_array_equal(after.state[1], cache.state[1])
-        assert not np.allclose(after.state[0], cache.state[0])
-        for new, old in zip(after.conv, cache.conv):
-            np.testing.assert_array_equal(new[1], old[1])
+        for row, n in enumerate(prompt_lengths):
+            assert_close(y_prompt[row, :n], full[row, :n], f"row {row} prompt", dtype=jnp.float64)
+            assert_close(steps[row], full[row, n : n + 4], f"row {row} steps", dtype=jnp.float64)
+        assert_padding_step_keeps_row(module, cache, tokens[:, :1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,28 +272,14 @@ GRAD_CONFIGS = {
 def test_gradients_reach_every_parameter(name):
     module = _build(name, 11, param_dtype=jnp.float32, **GRAD_CONFIGS[name])
     x = jnp.asarray(np.random.default_rng(12).normal(size=(2, 7, 12)), jnp.float32)
-
-    def loss(model, x):
-        return jnp.mean(model(x) ** 2)
-
-    grads, x_grad = _fast_jit(lambda model, x: nnx.grad(loss, argnums=(0, 1))(model, x))(module, x)
-    leaves = jax.tree_util.tree_leaves_with_path(grads)
-    assert len(leaves) == len(jax.tree.leaves(nnx.state(module, nnx.Param)))
-    for path, leaf in leaves:
-        assert np.all(np.isfinite(leaf)) and np.any(leaf != 0), jax.tree_util.keystr(path)
-    assert np.all(np.isfinite(x_grad)) and np.any(x_grad != 0)
+    assert_gradients_reach_every_parameter(module, x)
 
 
 def test_parameter_logical_axes():
     known = {"embed", "heads", "head_dim", "norm", "conv_kernel", None}
     for name in CLASSES:
-        module = _abstract(name, 16, 4, **GRAD_CONFIGS[name])
-        state = nnx.state(module, nnx.Param)
-        leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-        for path, variable in leaves:
-            axes = variable.get_metadata().get("out_sharding")
-            assert axes is not None and len(axes) == variable.get_value().ndim, (name, jax.tree_util.keystr(path))
-            assert set(axes) <= known, (name, jax.tree_util.keystr(path), axes)
+        for path, (axes, ndim) in logical_axes(_abstract(name, 16, 4, **GRAD_CONFIGS[name])).items():
+            assert axes is not None and len(axes) == ndim and set(axes) <= known, (name, path, axes)
     specs = {
         jax.tree_util.keystr(path): tuple(spec)
         for path, spec in jax.tree_util.tree_leaves_with_path(
@@ -387,10 +315,6 @@ def test_flops():
             # Every projection is a [T, fan_in] @ [fan_in, fan_out] matmul: 2 T x kernel size.
             assert module.flops(length) == 2 * length * _projection_kernel_size(module) + op, (name, length)
         assert module.flops(7, kv_len=100) == module.flops(7)
-        with pytest.raises(ValueError, match="seq_len must be an int >= 1, got 0"):
-            module.flops(0)
-        with pytest.raises(ValueError, match="kv_len must be an int >= 1"):
-            module.flops(3, kv_len=0)
     # A worked example: T = 100 at chunk 64 is chunks of 64 and 36 (one head, K = V = 2).
     assert delta.delta_rule_chunk_flops(100, 1, 2, 2, 64) == sum(
         6 * c * c * 2 + 4 * c * c * 2 + 24 * c + (c**3 - c) // 3 for c in (64, 36)
@@ -407,7 +331,7 @@ def test_runs_in_the_decoder_lm():
     assert [type(block.mixer) for block in blocks[1:]] == list(CLASSES.values())
     tokens = jnp.asarray(np.random.default_rng(13).integers(0, 32, size=(2, 10)), jnp.int32)
     segment_ids = jnp.asarray([[0] * 4 + [1] * 6, [0] * 10])
-    logits = _fast_jit(lambda m, t, s: m(t, segment_ids=s))(model, tokens, segment_ids)
+    logits = fast_jit(lambda m, t, s: m(t, segment_ids=s))(model, tokens, segment_ids)
     assert logits.shape == (2, 10, 32) and np.all(np.isfinite(logits))
     mixers = sum(block.mixer.flops(10) for block in blocks)
     mlps = 4 * 2 * 10 * 16 * blocks[0].mlp.hidden_dim * 3
@@ -453,29 +377,7 @@ def test_rejects_bad_arguments(name, kwargs, error, match):
 
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_rejects_bad_inputs_and_caches(name):
-    module = _build(name, param_dtype=jnp.float32, dim=16)
-    x = jnp.ones((2, 5, 16))
-    with pytest.raises(ValueError, match=r"x must have shape \[B,T,D\] with last axis 16, got \(2, 5, 8\)"):
-        module(jnp.ones((2, 5, 8)))
-    with pytest.raises(TypeError, match="floating"):
-        module(jnp.ones((2, 5, 16), jnp.int32))
-    with pytest.raises(ValueError, match=r"segment_ids must be an int array of shape \(2, 5\)"):
-        module(x, segment_ids=jnp.zeros((2, 4), jnp.int32))
-    with pytest.raises(ValueError, match="valid_lengths needs a cache"):
-        module(x, valid_lengths=jnp.array([5, 5]))
-    cache = module.init_cache(2, 8)
-    with pytest.raises(ValueError, match="segment_ids cannot be combined with a cache"):
-        module(x, cache=cache, segment_ids=jnp.zeros((2, 5), jnp.int32))
-    with pytest.raises(ValueError, match=r"valid_lengths must be an int array of shape \(2,\)"):
-        module(x, cache=cache, valid_lengths=jnp.array([5.0, 5.0]))
-    with pytest.raises(TypeError, match="cache must be a RecurrentCache"):
-        module(x, cache=(cache.state,))
-    with pytest.raises(ValueError, match=r"cache.state must have shape"):
-        module(x[:1], cache=cache)
-    with pytest.raises(ValueError, match=r"cache.conv must hold 3"):
-        module(x, cache=RecurrentCache(cache.state, (), cache.lengths))
-    with pytest.raises(ValueError, match="batch must be an int >= 1"):
-        module.init_cache(0, 8)
+    assert_rejects_bad_calls(_build(name, param_dtype=jnp.float32, dim=16))
 
 
 def test_mesh_axes_must_be_mesh_axes():

@@ -3,7 +3,6 @@ decoding (prefill, chunk, steps, right padding), gradients, DecoderLM patterns, 
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +13,14 @@ from attnzoo.layers import linear
 from attnzoo.layers.common import RecurrentCache
 from attnzoo.pallas_kernels.testing import assert_close, float64
 from tests.layers.numpy_layers import dense, param64, rms_norm, short_conv, sigmoid, silu
-from tests.zoo.helpers import randomize
+from tests.layers.recurrent_testing import (
+    assert_gradients_reach_every_parameter,
+    assert_padding_step_keeps_row,
+    assert_rejects_bad_calls,
+    decode_in_pieces,
+    recurrence,
+)
+from tests.zoo.helpers import logical_axes, randomize, traced_matmul_flops
 
 MIXERS = ("linear_attention", "based", "base_conv", "retnet", "lightning", "gla")
 
@@ -55,34 +61,6 @@ def _rope(x, positions, theta):
     )
 
 
-def _recurrence(q, k, v, decay, scale, segment_ids=None, normalize=False):
-    """Token by token: ``S_t = decay_t * S_{t-1} + k_t v_t^T``, ``o_t = scale * S_t^T q_t``.
-
-    decay: None, ``[B,T,H]`` or ``[B,T,H,K]`` multiplicative factors. normalize: divide by
-    ``scale * q_t . z_t + 1e-10`` with ``z_t`` the running key sum. The state restarts at zero
-    where the segment id changes.
-    """
-    batch, length, heads, key_dim = q.shape
-    seg = _segments(segment_ids, batch, length)
-    out = np.zeros(v.shape)
-    for b in range(batch):
-        state = np.zeros((heads, key_dim, v.shape[-1]))
-        keys = np.zeros((heads, key_dim))
-        for t in range(length):
-            if t > 0 and seg[b, t] != seg[b, t - 1]:
-                state[:], keys[:] = 0.0, 0.0
-            if decay is not None:
-                factor = decay[b, t]
-                state = state * (factor[:, None, None] if factor.ndim == 1 else factor[:, :, None])
-            state = state + k[b, t][:, :, None] * v[b, t][:, None, :]
-            keys = keys + k[b, t]
-            o = scale * np.einsum("hk,hkv->hv", q[b, t], state)
-            if normalize:
-                o = o / (scale * np.einsum("hk,hk->h", q[b, t], keys)[:, None] + 1e-10)
-            out[b, t] = o
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The published formulas, one function per mixer, from the module's own parameter values
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +91,7 @@ def numpy_linear_attention(m, x, segment_ids=None, positions=None):
         q = q / (q.sum(-1, keepdims=True) + 1e-4)
     if m.norm_k:
         k = k / (k.sum(-1, keepdims=True) + 1e-4)
-    o = _recurrence(q, k, v, None, q.shape[-1] ** -0.5, segment_ids, normalize=m.normalize)
+    o = recurrence(q, k, v, scale=q.shape[-1] ** -0.5, segment_ids=segment_ids, normalize=m.normalize)
     if m.norm is not None:
         o = rms_norm(o, None if m.norm.scale is None else param64(m.norm.scale), m.norm.epsilon)
     return dense(m.o_proj, o)
@@ -172,7 +150,8 @@ def numpy_retnet(m, x, segment_ids=None, positions=None):
     positions = np.broadcast_to(np.arange(length), (batch, length)) if positions is None else np.asarray(positions)
     q, k = _rope(q, positions, m.rope_theta), _rope(k, positions, m.rope_theta)
     gamma = 1.0 - 2.0 ** (-5.0 - np.arange(m.num_heads))
-    o = _recurrence(q, k, v, np.broadcast_to(gamma, (batch, length, m.num_heads)), q.shape[-1] ** -0.5, segment_ids)
+    decay = np.broadcast_to(gamma, (batch, length, m.num_heads))
+    o = recurrence(q, k, v, scale=q.shape[-1] ** -0.5, decay=decay, segment_ids=segment_ids)
     return _gated_output(m, x, o)
 
 
@@ -188,7 +167,8 @@ def numpy_lightning(m, x, segment_ids=None, positions=None):
     q, k, v = silu(dense(m.q_proj, x)), silu(dense(m.k_proj, x)), silu(dense(m.v_proj, x))
     ratio = m.layer_idx / (m.num_layers - 1) if m.num_layers > 1 else 0.0
     slopes = np.asarray(_alibi(m.num_heads)) * (1 - ratio + 1e-5)
-    o = _recurrence(q, k, v, np.broadcast_to(np.exp(-slopes), (batch, length, m.num_heads)), 1.0, segment_ids)
+    decay = np.broadcast_to(np.exp(-slopes), (batch, length, m.num_heads))
+    o = recurrence(q, k, v, scale=1.0, decay=decay, segment_ids=segment_ids)
     o = o.reshape(batch, length, -1)
     if isinstance(m.norm, layers.RMSNorm):
         o = rms_norm(o, param64(m.norm.scale), m.norm.epsilon)
@@ -205,7 +185,7 @@ def numpy_gla(m, x, segment_ids=None, positions=None):
     gk = -np.logaddexp(0.0, -logits) / m.gate_logit_normalizer
     if m.clamp_min is not None:
         gk = np.maximum(gk, m.clamp_min)
-    o = _recurrence(q, k, v, np.exp(gk), q.shape[-1] ** -0.5, segment_ids)
+    o = recurrence(q, k, v, scale=q.shape[-1] ** -0.5, decay=np.exp(gk), segment_ids=segment_ids)
     return _gated_output(m, x, o)
 
 
@@ -326,40 +306,22 @@ DECODE_CASES = {
 }
 
 
-@nnx.jit
-def _decode(module, x, lengths):
-    """Prefill ``x[:, :5]`` with ``valid_lengths``, then each row's next 2 tokens as one chunk, then
-    3 single-token steps (a ``lax.scan``, so the step compiles once). Returns the outputs (prefill
-    ``[B,5,D]``, continuation ``[B,5,D]``) and the final cache."""
-    batch = x.shape[0]
-    cache = module.init_cache(batch, 16)
-    prefill, cache = module(x[:, :5], cache=cache, valid_lengths=lengths)
-    take = lambda offsets: jnp.take_along_axis(x, (lengths[:, None] + offsets)[..., None], axis=1)  # noqa: E731
-    chunk, cache = module(take(jnp.arange(2)), cache=cache)
-
-    def step(cache, offset):
-        y, cache = module(take(offset[None]), cache=cache)
-        return cache, y[:, 0]
-
-    cache, steps = jax.lax.scan(step, cache, jnp.arange(2, 5))
-    return prefill, jnp.concatenate([chunk, jnp.moveaxis(steps, 0, 1)], axis=1), cache
-
-
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_decoding_matches_full_forward(mixer):
+    """Prefill of right-padded rows (junk padding), each row's next 2 tokens as one chunk, then 3
+    one-token steps, against the numpy layer; then a padding step leaves its row's cache alone."""
     dim, heads, seed = 12, 2, MIXERS.index(mixer)
     with float64():
         module = _build(mixer, seed, dim=dim, num_heads=heads, param_dtype=jnp.float64, **DECODE_CASES[mixer])
         x = np.random.default_rng(seed).normal(size=(3, 10, dim))
         lengths = np.array([5, 2, 4], np.int32)  # row 0 is not padded
-        prefill, continuation, cache = _decode(module, jnp.asarray(x), jnp.asarray(lengths))
+        prefill, continuation, cache = decode_in_pieces(module, x, lengths, [2, 1, 1, 1], seed=seed)
         ref = NUMPY[mixer](module, x)
         for b, n in enumerate(lengths):
             assert_close(prefill[b, :n], ref[b, :n], f"{mixer} prefill row {b}", dtype=jnp.float64)
             assert_close(continuation[b], ref[b, n : n + 5], f"{mixer} decoding row {b}", dtype=jnp.float64)
-        assert isinstance(cache, RecurrentCache)
-        np.testing.assert_array_equal(cache.lengths, lengths + 5)
-        assert cache.state.dtype == jnp.float64
+        assert isinstance(cache, RecurrentCache) and cache.state.dtype == jnp.float64
+        assert_padding_step_keeps_row(module, cache, x[:, :1])
 
 
 def test_cache_dtypes_and_shapes():
@@ -391,16 +353,7 @@ GRAD_CASES = {
 def test_every_parameter_gets_a_gradient(mixer):
     module = _build(mixer, 1, dim=16, num_heads=2, **GRAD_CASES[mixer])
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 7, 16)), jnp.float32)
-
-    def loss(model, x):
-        return jnp.mean(model(x) ** 2)
-
-    grads, x_grad = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(module, x)
-    leaves = jax.tree_util.tree_leaves_with_path(grads)
-    assert len(leaves) == len(jax.tree.leaves(nnx.state(module, nnx.Param)))
-    for path, leaf in leaves:
-        assert np.all(np.isfinite(leaf)) and np.any(leaf != 0), f"{mixer}: {jax.tree_util.keystr(path)}"
-    assert np.all(np.isfinite(x_grad)) and np.any(x_grad != 0)
+    assert_gradients_reach_every_parameter(module, x)
 
 
 def test_bfloat16_compute():
@@ -418,35 +371,16 @@ KNOWN_AXES = {"embed", "heads", "head_dim", "mlp", "norm", "conv_kernel", None}
 def test_parameters_carry_logical_axes(mixer):
     options = GRAD_CASES[mixer]
     module = nnx.eval_shape(lambda: layers.create_mixer(mixer, dim=16, num_heads=2, rngs=nnx.Rngs(0), **options))
-    state = nnx.state(module, nnx.Param)
-    variables = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    assert variables
-    for path, variable in variables:
-        axes = variable.get_metadata().get("out_sharding")
-        assert axes is not None and len(axes) == len(variable.get_value().shape), (jax.tree_util.keystr(path), axes)
-        assert set(axes) <= KNOWN_AXES and any(a is not None for a in axes), (jax.tree_util.keystr(path), axes)
+    axes_by_path = logical_axes(module)
+    assert axes_by_path
+    for path, (axes, ndim) in axes_by_path.items():
+        assert axes is not None and len(axes) == ndim, (path, axes)
+        assert set(axes) <= KNOWN_AXES and any(a is not None for a in axes), (path, axes)
 
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs: the documented formula equals the matmuls the module traces to
 # ---------------------------------------------------------------------------------------------
-
-
-def _dot_flops(jaxpr) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in contract]))
-        repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    total += repeat * _dot_flops(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    total += repeat * _dot_flops(sub)
-    return total
 
 
 def test_chunked_op_flops_formula():
@@ -465,10 +399,7 @@ def test_flops_equal_traced_matmuls(mixer, length):
     if mixer.endswith("hedgehog"):
         options = dict(feature_map="hedgehog", normalize=True)
     module = _build(name, dim=16, num_heads=2, chunk_size=16, impl="xla", **options)
-    graphdef, state = nnx.split(module)
-    x = jnp.zeros((1, length, 16))
-    jaxpr = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
-    assert _dot_flops(jaxpr.jaxpr) == module.flops(length)
+    assert traced_matmul_flops(module, jnp.zeros((1, length, 16))) == module.flops(length)
 
 
 def test_gla_flops_formula():
@@ -477,8 +408,7 @@ def test_gla_flops_formula():
     op = h * sum(2 * c * c * (k + v) + 4 * c * k * v for c in (16, 16, 8))
     assert module.flops(length) == 2 * length * d * h * (2 * k + 3 * v) + 2 * length * rank * (d + h * k) + op
     # The engine builds per-channel-decay scores from rescaled blocks; its count stays close.
-    graphdef, state = nnx.split(module)
-    traced = _dot_flops(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, jnp.zeros((1, 48, 16))).jaxpr)
+    traced = traced_matmul_flops(module, jnp.zeros((1, 48, 16)))
     assert 0.5 * module.flops(48) < traced < 1.5 * module.flops(48)
 
 
@@ -539,27 +469,4 @@ def test_rejects_bad_constructor_arguments(mixer, kwargs, error, match):
 
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_rejects_bad_call_arguments(mixer):
-    module = _build(mixer, dim=16, num_heads=2, **GRAD_CASES[mixer])
-    name = type(module).__name__
-    x = jnp.zeros((2, 3, 16))
-    with pytest.raises(ValueError, match=f"{name}: x must have shape \\[B,T,D\\] with last axis 16, got \\(2, 3, 8\\)"):
-        module(jnp.zeros((2, 3, 8)))
-    with pytest.raises(TypeError, match=f"{name}: x must have a floating dtype, got int32"):
-        module(jnp.zeros((2, 3, 16), jnp.int32))
-    with pytest.raises(ValueError, match="segment_ids must be an int array of shape \\(2, 3\\)"):
-        module(x, segment_ids=jnp.zeros((2, 4), jnp.int32))
-    with pytest.raises(ValueError, match="valid_lengths needs a cache"):
-        module(x, valid_lengths=jnp.array([1, 2]))
-    cache = module.init_cache(2, 8)
-    with pytest.raises(ValueError, match="segment_ids cannot be combined with a cache"):
-        module(x, cache=cache, segment_ids=jnp.zeros((2, 3), jnp.int32))
-    with pytest.raises(ValueError, match="valid_lengths must be an int array of shape \\(2,\\)"):
-        module(x, cache=cache, valid_lengths=jnp.array([1.0, 2.0]))
-    with pytest.raises(ValueError, match="cache.state must have shape"):
-        module(x, cache=module.init_cache(3, 8))
-    with pytest.raises(TypeError, match="cache must be a RecurrentCache"):
-        module(x, cache=(cache.state,))
-    with pytest.raises(ValueError, match="seq_len must be an int >= 1"):
-        module.flops(0)
-    with pytest.raises(ValueError, match="batch must be an int >= 1"):
-        module.init_cache(0, 8)
+    assert_rejects_bad_calls(_build(mixer, dim=16, num_heads=2, **GRAD_CASES[mixer]))

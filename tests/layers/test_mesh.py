@@ -34,7 +34,8 @@ def test_attention_under_8_device_mesh():
 @pytest.mark.slow
 def test_recurrent_mixers_under_8_device_mesh():
     """Gated DeltaNet (scalar decay, delta rule) and GLA (per-channel decay) with impl="pallas"
-    (interpret mode, shard_map over batch and heads) and GatedDeltaNet with xla (partitioner):
-    outputs with segment_ids, every parameter gradient, prefill + decode equal the unsharded layer."""
+    (interpret mode, shard_map over batch and heads) and GatedDeltaNet with xla (partitioner), T = 40
+    in chunks of 16: outputs and every parameter gradient with segment_ids, and two prefills (the
+    second from the first's state) + one-token steps equal the unsharded layer."""
     run_checks(["recurrent:gated_deltanet:pallas", "recurrent:gla:pallas", "recurrent:gated_deltanet:xla"],
                timeout=900)
