@@ -70,6 +70,8 @@ __all__ = [
     "rope_inv_frequencies",
     "ShortConvolution",
     "GatedRMSNorm",
+    "log_uniform_a_init",
+    "dt_bias_init",
     "RecurrentCache",
     "padding_mask",
 ]
@@ -731,14 +733,23 @@ class ShortConvolution(nnx.Module):
 
 
 class GatedRMSNorm(nnx.Module):
-    """RMSNorm of each head's output times an activated gate: ``rms(o) * scale * act(gate)``.
+    """RMSNorm of each head's output and an activated gate.
 
-    fla's ``FusedRMSNormGated`` (GLA, Gated DeltaNet: swish; KDA: sigmoid). Statistics in float32.
+    ``rms(o) * scale * act(gate)`` by default: fla's ``FusedRMSNormGated`` (GLA, Gated DeltaNet:
+    swish; KDA: sigmoid). With ``norm_before_gate=False`` the gate comes first,
+    ``rms(o * act(gate)) * scale``, and with ``group_size`` the statistics are taken over groups of
+    that many features: Mamba-2's ``RMSNormGated(norm_before_gate=False, group_size=d_inner / G)``.
+    Statistics in float32.
 
     Args:
-      num_features: the normalised last axis (a head's value dim; the scale is shared by heads).
+      num_features: the normalised last axis (a head's value dim, the scale shared by heads; or
+        a whole layer's width with per-feature scales).
       activation: "silu" (swish) or "sigmoid". epsilon: added to the mean square.
+      norm_before_gate: normalise, then gate (True) or gate, then normalise (False).
+      group_size: features per normalisation group (a divisor of num_features; default all).
       dtype / param_dtype: compute / parameter dtypes. rngs: unused (uniform constructor).
+
+    Parameters: ``norm.scale [num_features]`` (norm).
     """
 
     def __init__(
@@ -747,23 +758,75 @@ class GatedRMSNorm(nnx.Module):
         *,
         activation: str = "silu",
         epsilon: float = 1e-5,
+        norm_before_gate: bool = True,
+        group_size: int | None = None,
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs | None = None,
     ):
-        if activation not in ("silu", "sigmoid"):
-            raise ValueError(f"GatedRMSNorm: activation must be 'silu' or 'sigmoid', got {activation!r}")
-        self.activation = activation
+        owner = "GatedRMSNorm"
+        self.activation = check_choice(owner, "activation", activation, ("silu", "sigmoid"))
+        self.norm_before_gate = check_bool(owner, "norm_before_gate", norm_before_gate)
+        num_features = check_int(owner, "num_features", num_features)
+        self.group_size = num_features if group_size is None else check_int(owner, "group_size", group_size)
+        if num_features % self.group_size:
+            raise ValueError(f"{owner}: group_size ({self.group_size}) must divide num_features ({num_features})")
         self.norm = RMSNorm(num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
         """x, gate ``[..., num_features]`` -> same shape in the compute dtype."""
         if gate.shape != x.shape:
             raise ValueError(f"GatedRMSNorm: gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
-        y = self.norm(x)
-        stat_dtype = jnp.promote_types(y.dtype, jnp.float32)
         act = jax.nn.silu if self.activation == "silu" else jax.nn.sigmoid
-        return (y.astype(stat_dtype) * act(gate.astype(stat_dtype))).astype(y.dtype)
+        if self.norm_before_gate and self.group_size == self.norm.num_features:
+            y = self.norm(x)
+            stat_dtype = jnp.promote_types(y.dtype, jnp.float32)
+            return (y.astype(stat_dtype) * act(gate.astype(stat_dtype))).astype(y.dtype)
+        check_features("GatedRMSNorm", x, self.norm.num_features, "[..., F]")
+        dtype = compute_dtype(self.norm.dtype, x, self.norm.param_dtype)
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        y = x.astype(stat_dtype)
+        gate = act(gate.astype(stat_dtype))
+        if not self.norm_before_gate:
+            y = y * gate
+        grouped = y.reshape(y.shape[:-1] + (-1, self.group_size))
+        mean_square = jnp.mean(jnp.square(grouped), axis=-1, keepdims=True)
+        y = (grouped * jax.lax.rsqrt(mean_square + self.norm.epsilon)).reshape(y.shape)
+        y = y * self.norm.scale[...].astype(stat_dtype)
+        if self.norm_before_gate:
+            y = y * gate
+        return y.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisers of decay rates (Mamba-2, fla's gated layers)
+# ----------------------------------------------------------------------------------------------
+
+# Mamba-2 / fla initialisation of the decay time step.
+DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
+
+
+def log_uniform_a_init(low: float, high: float) -> Initializer:
+    """``A_log = log(A)``, ``A ~ U[low, high)`` (Mamba-2 / fla); ``A = 0`` gives ``log(tiny)``."""
+
+    def init(key, shape, dtype=jnp.float32):
+        a = jax.random.uniform(key, shape, jnp.float32, low, high)
+        return jnp.log(jnp.maximum(a, jnp.finfo(jnp.float32).tiny)).astype(dtype)
+
+    return init
+
+
+def dt_bias_init(dt_min: float = DT_MIN, dt_max: float = DT_MAX, floor: float = DT_INIT_FLOOR) -> Initializer:
+    """``dt_bias = softplus^-1(dt)`` with ``dt`` log-uniform in ``[dt_min, dt_max]`` floored at
+    ``floor``, so ``softplus(dt_bias) = dt`` at initialisation (Mamba, Mamba-2, fla)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        u = jax.random.uniform(key, shape, jnp.float32)
+        dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = jnp.maximum(dt, floor)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+    return init
 
 
 @jax.tree_util.register_dataclass

@@ -56,6 +56,8 @@ from attnzoo.layers.common import (
     check_bool,
     check_choice,
     compute_dtype,
+    dt_bias_init,
+    log_uniform_a_init,
     partitioned,
 )
 from attnzoo.layers.registry import register_mixer
@@ -70,8 +72,6 @@ __all__ = [
 ]
 
 L2_NORM_EPS = 1e-6  # fla's l2norm default (use_qk_l2norm_in_kernel)
-# Mamba-2 / fla initialisation of the decay time step (hard-coded in fla's layers).
-DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,25 +99,6 @@ def _elu_plus_one(x: jax.Array) -> jax.Array:
 
 
 _QK_ACTIVATIONS = {"silu": None, "relu": jax.nn.relu, "elu": _elu_plus_one, "identity": lambda x: x}
-
-
-def _log_uniform_a_init(low: float, high: float):
-    """``A_log = log(A)``, ``A ~ U[low, high)`` (Mamba-2 / fla)."""
-
-    def init(key, shape, dtype=jnp.float32):
-        a = jax.random.uniform(key, shape, jnp.float32, low, high)
-        return jnp.log(jnp.maximum(a, jnp.finfo(jnp.float32).tiny)).astype(dtype)
-
-    return init
-
-
-def _dt_bias_init(key, shape, dtype=jnp.float32):
-    """``dt_bias = softplus^-1(dt)`` with ``dt`` log-uniform in ``[DT_MIN, DT_MAX]`` (floored at
-    ``DT_INIT_FLOOR``), so ``softplus(dt_bias) = dt`` at initialisation (Mamba-2 / fla)."""
-    u = jax.random.uniform(key, shape, jnp.float32)
-    dt = jnp.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN))
-    dt = jnp.maximum(dt, DT_INIT_FLOOR)
-    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
 
 
 def delta_rule_chunk_flops(seq_len: int, heads: int, key_dim: int, value_dim: int, chunk_size: int) -> int:
@@ -494,9 +475,9 @@ class GatedDeltaNet(_DeltaRuleMixer):
         hv, dv = self.num_v_heads, self.head_v_dim
         self.a_proj = Dense(self.dim, hv, logical_axes=("embed", "heads"), **dense)
         self.b_proj = Dense(self.dim, hv, logical_axes=("embed", "heads"), **dense)
-        a_init = _log_uniform_a_init(0.0, 16.0)
+        a_init = log_uniform_a_init(0.0, 16.0)
         self.A_log = nnx.Param(partitioned(a_init, ("heads",))(rngs.params(), (hv,), param_dtype))
-        self.dt_bias = nnx.Param(partitioned(_dt_bias_init, ("heads",))(rngs.params(), (hv,), param_dtype))
+        self.dt_bias = nnx.Param(partitioned(dt_bias_init(), ("heads",))(rngs.params(), (hv,), param_dtype))
         norm = dict(epsilon=self.norm_eps, dtype=dtype, param_dtype=param_dtype)
         if self.use_gate:
             self.g_proj = Dense(self.dim, (hv, dv), logical_axes=("embed", "heads", "head_dim"), **dense)
@@ -622,9 +603,9 @@ class KimiDeltaAttention(_DeltaRuleMixer):
         self.f_a_proj = Dense(self.dim, dv, logical_axes=("embed", None), **dense)
         self.f_b_proj = Dense(dv, (hv, dk), logical_axes=(None, "heads", "head_dim"), **dense)
         self.b_proj = Dense(self.dim, hv, logical_axes=("embed", "heads"), **dense)
-        a_init = nnx.initializers.zeros if self.safe_gate else _log_uniform_a_init(1.0, 16.0)
+        a_init = nnx.initializers.zeros if self.safe_gate else log_uniform_a_init(1.0, 16.0)
         self.A_log = nnx.Param(partitioned(a_init, ("heads",))(rngs.params(), (hv,), param_dtype))
-        dt_init = partitioned(_dt_bias_init, ("heads", "head_dim"))
+        dt_init = partitioned(dt_bias_init(), ("heads", "head_dim"))
         self.dt_bias = nnx.Param(dt_init(rngs.params(), (hv, dk), param_dtype))
         self.g_a_proj = Dense(self.dim, dv, logical_axes=("embed", None), **dense)
         self.g_b_proj = Dense(

@@ -34,6 +34,7 @@ from attnzoo.pallas_kernels.linear_rnn import (
     simple_gla,
     simple_gla_step,
 )
+from attnzoo.pallas_kernels.ssm import ssd, ssd_step
 
 __all__ = [
     "attention",
@@ -66,4 +67,6 @@ __all__ = [
     "delta_rule_step",
     "gated_delta_rule_step",
     "kda_step",
+    "ssd",
+    "ssd_step",
 ]

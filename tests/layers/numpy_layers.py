@@ -56,3 +56,39 @@ def short_conv(conv, x, segment_ids=None):
     if conv.bias is not None:
         y = y + param64(conv.bias)
     return silu(y) if conv.activation == "silu" else y
+
+
+def numpy_ssd(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, dt_limit=None, initial_state=None,
+              segment_ids=None):
+    """Mamba-2's SSD token by token in float64, written from the paper::
+
+        S_t = exp(dt_t A_h) S_{t-1} + dt_t B_t x_t^T;   y_t = S_t^T C_t + D_h x_t
+
+    x ``[B,T,H,P]``, dt ``[B,T,H]``, A ``[H]``, B, C ``[B,T,G,N]`` (head h reads group
+    ``h // (H/G)``), D ``[H]`` or ``[H,P]``; the state restarts at zero where the segment id changes.
+    Returns (y ``[B,T,H,P]``, final state ``[B,H,N,P]``)."""
+    x, dt, A, B, C = (np.asarray(a, np.float64) for a in (x, dt, A, B, C))
+    batch, length, heads, head_dim = x.shape
+    groups, state_dim = B.shape[2:]
+    if dt_bias is not None:
+        dt = dt + np.asarray(dt_bias, np.float64)
+    if dt_softplus:
+        dt = np.log1p(np.exp(dt))
+    if dt_limit is not None:
+        dt = np.clip(dt, *dt_limit)
+    y = np.zeros_like(x)
+    final = np.zeros((batch, heads, state_dim, head_dim))
+    for b in range(batch):
+        for h in range(heads):
+            group = h // (heads // groups)
+            state = np.zeros((state_dim, head_dim)) if initial_state is None else np.array(initial_state[b, h], np.float64)
+            for t in range(length):
+                if segment_ids is not None and t > 0 and segment_ids[b, t] != segment_ids[b, t - 1]:
+                    state = np.zeros_like(state)
+                state = np.exp(dt[b, t, h] * A[h]) * state + dt[b, t, h] * np.outer(B[b, t, group], x[b, t, h])
+                y[b, t, h] = state.T @ C[b, t, group]
+                if D is not None:
+                    skip = np.asarray(D, np.float64)[h]
+                    y[b, t, h] += skip * x[b, t, h]
+            final[b, h] = state
+    return y, final

@@ -1,0 +1,162 @@
+"""Weight converters from PyTorch checkpoints given as plain ``dict[str, numpy.ndarray]``.
+
+torch is never imported: a caller turns a ``state_dict`` into numpy arrays first, e.g.
+``{k: v.detach().float().numpy() for k, v in torch_module.state_dict().items()}``.
+
+>>> m = layers.create_mixer("mamba2", dim=768, num_heads=24, state_dim=128, rngs=nnx.Rngs(0))
+>>> load_hf_mamba2_mixer(m, state_dict, prefix="backbone.layers.0.mixer.")
+
+Layouts: a torch ``Linear.weight [out, in]`` becomes a kernel ``[in, *out]`` (transposed, then the
+output axis split into heads), a depthwise ``Conv1d.weight [C, 1, K]`` becomes ``[K, C]`` (the same
+taps: ``weight[K-1]`` multiplies the current token in both). Every assignment checks the source
+key exists and the shape matches, naming the key, the parameter and both shapes otherwise; keys
+under ``prefix`` that no converter consumed are reported (``strict=True`` raises).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = ["StateDictReader", "load_hf_mamba2_mixer", "load_hf_mamba_mixer"]
+
+
+class StateDictReader:
+    """Reads arrays from a state dict under a prefix and remembers which keys were used."""
+
+    def __init__(self, state_dict: Mapping[str, np.ndarray], prefix: str = "", owner: str = "convert"):
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{owner}: state_dict must be a mapping of names to numpy arrays, got {type(state_dict).__name__}")
+        self.state_dict = state_dict
+        self.prefix = prefix
+        self.owner = owner
+        self.used: set[str] = set()
+
+    def __call__(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        key = self.prefix + name
+        if key not in self.state_dict:
+            nearby = sorted(k for k in self.state_dict if k.startswith(self.prefix))[:12]
+            raise KeyError(f"{self.owner}: state_dict has no {key!r}; keys under {self.prefix!r}: {nearby}")
+        value = np.asarray(self.state_dict[key])
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{self.owner}: {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+        self.used.add(key)
+        return value
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.state_dict
+
+    def unused(self) -> list[str]:
+        return sorted(k for k in self.state_dict if k.startswith(self.prefix) and k not in self.used)
+
+    def finish(self, strict: bool) -> list[str]:
+        unused = self.unused()
+        if strict and unused:
+            raise ValueError(f"{self.owner}: state_dict keys not converted: {unused}")
+        return unused
+
+
+def assign(param: nnx.Param, value: np.ndarray, what: str, owner: str = "convert") -> None:
+    """Sets ``param`` to ``value`` (cast to the parameter's dtype), checking the shape."""
+    current = param.get_value()
+    if tuple(current.shape) != tuple(value.shape):
+        raise ValueError(f"{owner}: {what} has shape {tuple(current.shape)}, the converted value {tuple(value.shape)}")
+    param.set_value(jnp.asarray(value, current.dtype))
+
+
+def linear_kernel(weight: np.ndarray, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray:
+    """torch ``Linear.weight [out, in]`` -> kernel ``[*in_shape, *out_shape]``."""
+    return weight.T.reshape(tuple(in_shape) + tuple(out_shape))
+
+
+def depthwise_conv(weight: np.ndarray) -> np.ndarray:
+    """torch depthwise ``Conv1d.weight [C, 1, K]`` -> ``ShortConvolution.weight [K, C]``."""
+    return weight[:, 0, :].T
+
+
+def _load_dense(read, dense, name: str, rows: slice | None, owner: str, what: str) -> None:
+    weight = read(f"{name}.weight")
+    weight = weight if rows is None else weight[rows]
+    assign(dense.kernel, linear_kernel(weight, dense.in_features, dense.out_features), f"{what}.kernel", owner)
+    if dense.bias is not None:
+        bias = read(f"{name}.bias")
+        bias = bias if rows is None else bias[rows]
+        assign(dense.bias, bias.reshape(dense.out_features), f"{what}.bias", owner)
+
+
+def _load_conv(read, conv, channels: slice, owner: str, what: str) -> None:
+    assign(conv.weight, depthwise_conv(read("conv1d.weight")[channels]), f"{what}.weight", owner)
+    if conv.bias is not None:
+        assign(conv.bias, read("conv1d.bias")[channels], f"{what}.bias", owner)
+
+
+def load_hf_mamba2_mixer(module, state_dict: Mapping[str, np.ndarray], prefix: str = "", *, strict: bool = True):
+    """Loads a Hugging Face ``Mamba2Mixer`` (also Zamba2's, Bamba's) into :class:`attnzoo.layers.ssm.Mamba2`.
+
+    Source keys (under ``prefix``): ``in_proj.weight [2 d_inner + 2 G N + H, D]`` (rows: gate z,
+    x, B, C, dt) and ``in_proj.bias`` if present, ``conv1d.weight [d_inner + 2 G N, 1, K]`` /
+    ``conv1d.bias`` (channels: x, B, C), ``dt_bias``, ``A_log``, ``D [H]``, ``norm.weight
+    [d_inner]``, ``out_proj.weight [D, d_inner]`` / ``.bias``. Returns the unused keys under the
+    prefix (``strict`` raises instead).
+    """
+    owner = "load_hf_mamba2_mixer"
+    read = StateDictReader(state_dict, prefix, owner)
+    inner, gn, h = module.d_inner, module.num_groups * module.state_dim, module.num_heads
+    bounds = np.cumsum([0, inner, inner, gn, gn, h])
+    rows = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    read("in_proj.weight", (int(bounds[-1]), module.dim))
+    read("conv1d.weight", (inner + 2 * gn, 1, module.conv_size))
+    for dense, row, what in zip(
+        (module.z_proj, module.x_proj, module.B_proj, module.C_proj, module.dt_proj), rows,
+        ("z_proj", "x_proj", "B_proj", "C_proj", "dt_proj"),
+    ):
+        _load_dense(read, dense, "in_proj", row, owner, what)
+    channels = [slice(0, inner), slice(inner, inner + gn), slice(inner + gn, inner + 2 * gn)]
+    for conv, channel, what in zip((module.x_conv1d, module.B_conv1d, module.C_conv1d), channels,
+                                   ("x_conv1d", "B_conv1d", "C_conv1d")):
+        _load_conv(read, conv, channel, owner, what)
+    assign(module.dt_bias, read("dt_bias", (h,)), "dt_bias", owner)
+    assign(module.A_log, read("A_log", (h,)), "A_log", owner)
+    D = read("D")
+    assign(module.D, D.reshape(module.D.get_value().shape), "D", owner)
+    assign(module.norm.norm.scale, read("norm.weight", (inner,)), "norm.norm.scale", owner)
+    read("out_proj.weight", (module.dim, inner))
+    _load_dense(read, module.out_proj, "out_proj", None, owner, "out_proj")
+    return read.finish(strict)
+
+
+def load_hf_mamba_mixer(module, state_dict: Mapping[str, np.ndarray], prefix: str = "", *, strict: bool = True):
+    """Loads a Hugging Face ``MambaMixer`` (Mamba-1; also Jamba's and FalconMamba's mixers without
+    their extra norms) into :class:`attnzoo.layers.ssm.Mamba`.
+
+    Source keys: ``in_proj.weight [2 d_inner, D]`` (rows: x, z), ``conv1d.weight [d_inner, 1, K]``
+    / ``.bias``, ``x_proj.weight [R + 2 N, d_inner]`` (rows: dt low rank R, B, C),
+    ``dt_proj.weight [d_inner, R]`` / ``.bias`` (the dt bias), ``A_log [d_inner, N]``,
+    ``D [d_inner]``, ``out_proj.weight [D, d_inner]``; biases of in/out projections if present.
+    """
+    owner = "load_hf_mamba_mixer"
+    read = StateDictReader(state_dict, prefix, owner)
+    inner, rank, n = module.d_inner, module.dt_rank, module.state_dim
+    read("in_proj.weight", (2 * inner, module.dim))
+    read("conv1d.weight", (inner, 1, module.conv_size))
+    _load_dense(read, module.x_in_proj, "in_proj", slice(0, inner), owner, "x_in_proj")
+    _load_dense(read, module.z_proj, "in_proj", slice(inner, 2 * inner), owner, "z_proj")
+    _load_conv(read, module.conv1d, slice(0, inner), owner, "conv1d")
+    x_proj = read("x_proj.weight", (rank + 2 * n, inner))
+    for dense, rows, what in (
+        (module.dt_in_proj, slice(0, rank), "dt_in_proj"),
+        (module.B_proj, slice(rank, rank + n), "B_proj"),
+        (module.C_proj, slice(rank + n, rank + 2 * n), "C_proj"),
+    ):
+        assign(dense.kernel, linear_kernel(x_proj[rows], dense.in_features, dense.out_features), f"{what}.kernel", owner)
+    assign(module.dt_proj.kernel, linear_kernel(read("dt_proj.weight", (inner, rank)), (rank,), (inner,)),
+           "dt_proj.kernel", owner)
+    assign(module.dt_bias, read("dt_proj.bias", (inner,)), "dt_bias", owner)
+    assign(module.A_log, read("A_log", (inner, n)), "A_log", owner)
+    assign(module.D, read("D", (inner,)), "D", owner)
+    read("out_proj.weight", (module.dim, inner))
+    _load_dense(read, module.out_proj, "out_proj", None, owner, "out_proj")
+    return read.finish(strict)
