@@ -73,10 +73,12 @@ def ssd_inputs(x, dt, A, B, C, *, dt_bias=None, dt_softplus=False, dt_limit=None
     ``g = dt' A`` per head (groups repeated to heads), where ``dt' = clip(softplus?(dt + dt_bias))``.
 
     Works with or without the time axis (``x [B, T, H, P]`` or ``[B, H, P]``). ``k`` and ``g`` are
-    float32 (float64 for float64 inputs); ``q``, ``v`` keep their dtypes.
+    float32 (float64 for float64 inputs); ``q``, ``v`` keep their dtypes. The products are einsums,
+    so that their gradients (``dB``, ``ddt``, ``dA``: sums of products) are matrix products, which
+    XLA:CPU runs far faster than the fused multiply-reduce of a broadcast product's gradient.
     """
     heads = x.shape[-2]
-    groups = B.shape[-2]
+    groups, state_dim = B.shape[-2:]
     compute = jnp.promote_types(jnp.result_type(dt, A, B), jnp.float32)
     step = dt.astype(compute)
     if dt_bias is not None:
@@ -86,20 +88,26 @@ def ssd_inputs(x, dt, A, B, C, *, dt_bias=None, dt_softplus=False, dt_limit=None
     if dt_limit is not None:
         step = jnp.clip(step, dt_limit[0], dt_limit[1])
     repeats = heads // groups
-    expand = (lambda a: a) if repeats == 1 else (lambda a: jnp.repeat(a, repeats, axis=-2))
-    q = expand(C)
-    k = expand(B).astype(compute) * step[..., None]
-    g = step * A.astype(compute)
+    lead = x.shape[:-2]
+    # head h = group * repeats + r reads group h // repeats
+    step_grouped = step.reshape(lead + (groups, repeats))
+    k = jnp.einsum("...gn,...gr->...grn", B.astype(compute), step_grouped).reshape(lead + (heads, state_dim))
+    q = C
+    if repeats > 1:
+        q = jnp.broadcast_to(C[..., None, :], lead + (groups, repeats, state_dim)).reshape(lead + (heads, state_dim))
+    g = jnp.einsum("...h,h->...h", step, A.astype(compute))
     return q, k, x, g
 
 
 def skip_connection(y, x, D):
     """``y + D * x`` per head (``D [H]``) or channel (``D [H, P]``) for ``x, y [..., H, P]``, in
-    y's dtype (sums in float32 or wider); ``y`` unchanged when D is None."""
+    y's dtype (sums in float32 or wider); ``y`` unchanged when D is None. An einsum, so that ``dD``
+    is a matrix product."""
     if D is None:
         return y
     D = D.astype(jnp.promote_types(D.dtype, jnp.float32))
-    skip = x.astype(D.dtype) * (D[:, None] if D.ndim == 1 else D)
+    x = x.astype(D.dtype)
+    skip = jnp.einsum("...hp,h->...hp", x, D) if D.ndim == 1 else jnp.einsum("...hp,hp->...hp", x, D)
     return (y.astype(D.dtype) + skip).astype(y.dtype)
 
 
