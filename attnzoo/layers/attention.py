@@ -78,6 +78,9 @@ class Attention(nnx.Module):
       num_heads: query heads ``Hq``.
       num_kv_heads: key/value heads ``Hkv`` (divides ``num_heads``); default ``num_heads``.
       head_dim: features per head; default ``dim // num_heads`` (then ``num_heads`` must divide ``dim``).
+      v_head_dim: value features per head ``Dv`` (default ``head_dim``), e.g. Hymba's wider values.
+      output_projection: apply ``o_proj`` (True); without it the layer returns the heads' outputs
+        flattened, ``[B, T, Hq * Dv]`` (for blocks that fuse their own output projection).
       causal: causal masking (required for decoding with a cache).
       window: ``(left, right)`` sliding window (token ``i`` sees ``i-left .. i+right``; a side may be
         None = unbounded) or None. With ``causal`` only ``left`` matters.
@@ -100,6 +103,8 @@ class Attention(nnx.Module):
         *,
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
+        v_head_dim: int | None = None,
+        output_projection: bool = True,
         causal: bool = True,
         window: tuple[int | None, int | None] | None = None,
         use_rope: bool = True,
@@ -135,6 +140,9 @@ class Attention(nnx.Module):
                 )
             head_dim = self.dim // self.num_heads
         self.head_dim = check_int(owner, "head_dim", head_dim)
+        self.v_head_dim = self.head_dim if v_head_dim is None else check_int(owner, "v_head_dim", v_head_dim)
+        if not isinstance(output_projection, bool):
+            raise TypeError(f"{owner}: output_projection must be a bool, got {type(output_projection).__name__}")
         if not isinstance(causal, bool):
             raise TypeError(f"{owner}: causal must be a bool, got {type(causal).__name__}")
         self.causal = causal
@@ -158,11 +166,15 @@ class Attention(nnx.Module):
         self.param_dtype = param_dtype
 
         dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
-        heads, kv_heads, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        heads, kv_heads, dh, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
         self.q_proj = Dense(dim, (heads, dh), logical_axes=("embed", "heads", "head_dim"), use_bias=qkv_bias, **dense)
         self.k_proj = Dense(dim, (kv_heads, dh), logical_axes=("embed", "kv_heads", "head_dim"), use_bias=qkv_bias, **dense)
-        self.v_proj = Dense(dim, (kv_heads, dh), logical_axes=("embed", "kv_heads", "head_dim"), use_bias=qkv_bias, **dense)
-        self.o_proj = Dense((heads, dh), dim, logical_axes=("heads", "head_dim", "embed"), use_bias=out_bias, **dense)
+        self.v_proj = Dense(dim, (kv_heads, dv), logical_axes=("embed", "kv_heads", "head_dim"), use_bias=qkv_bias, **dense)
+        self.o_proj = (
+            Dense((heads, dv), dim, logical_axes=("heads", "head_dim", "embed"), use_bias=out_bias, **dense)
+            if output_projection
+            else None
+        )
         if qk_norm:
             norm = dict(epsilon=qk_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             self.q_norm = RMSNorm(dh, **norm)
@@ -186,7 +198,8 @@ class Attention(nnx.Module):
         max_len = check_int("Attention.init_cache", "max_len", max_len)
         dtype = jnp.dtype(dtype or self.dtype or self.param_dtype)
         shape = (batch, max_len, self.num_kv_heads, self.head_dim)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+        v_shape = shape[:-1] + (self.v_head_dim,)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(v_shape, dtype), jnp.zeros((batch,), jnp.int32))
 
     # ------------------------------------------------------------------------------------------
     # Cost model
@@ -224,10 +237,11 @@ class Attention(nnx.Module):
         chunk attending to a cache of ``S`` tokens, bottom-right aligned), ``D = dim``,
         ``Hq``/``Hkv`` heads of ``Dh`` features and ``P`` = :meth:`visible_pairs` ``(T, S)``::
 
-            q, o projections:  2 * T * D * Hq * Dh  each
-            k, v projections:  2 * T * D * Hkv * Dh each   (keys of the T new tokens)
+            q projection:      2 * T * D * Hq * Dh
+            o projection:      2 * T * D * Hq * Dv      (without output_projection: 0)
+            k, v projections:  2 * T * D * Hkv * (Dh + Dv)   (keys of the T new tokens)
             scores q k^T:      2 * P * Hq * Dh
-            weights @ v:       2 * P * Hq * Dh
+            weights @ v:       2 * P * Hq * Dv
 
         Masked pairs are not counted (a causal layer costs about half a bidirectional one). Norms,
         RoPE, softmax and biases are not counted.
@@ -236,9 +250,10 @@ class Attention(nnx.Module):
         """
         seq_len = check_int("Attention.flops", "seq_len", seq_len)
         pairs = self.visible_pairs(seq_len, kv_len)
-        d, dh, hq, hkv = self.dim, self.head_dim, self.num_heads, self.num_kv_heads
-        projections = 2 * seq_len * d * dh * (2 * hq + 2 * hkv)
-        return int(projections + 4 * pairs * hq * dh)
+        d, dh, dv, hq, hkv = self.dim, self.head_dim, self.v_head_dim, self.num_heads, self.num_kv_heads
+        output = hq * dv if self.o_proj is not None else 0
+        projections = 2 * seq_len * d * (hq * dh + output + hkv * (dh + dv))
+        return int(projections + 2 * pairs * hq * (dh + dv))
 
     # ------------------------------------------------------------------------------------------
     # Forward
@@ -298,11 +313,17 @@ class Attention(nnx.Module):
             else:
                 segments = None
             out = self._attend(q, k, v, segments)
-            return self.o_proj(out.astype(q.dtype))
+            return self._output(out.astype(q.dtype))
         if segment_ids is not None:
             raise ValueError("Attention: segment_ids cannot be combined with a cache; decode one sequence per row")
         out, cache = self._attend_cached(q, k, v, cache, positions, valid_lengths)
-        return self.o_proj(out.astype(q.dtype)), cache
+        return self._output(out.astype(q.dtype)), cache
+
+    def _output(self, out: jax.Array) -> jax.Array:
+        """``o_proj`` of the heads' outputs ``[B,T,Hq,Dv]``, or the heads flattened without it."""
+        if self.o_proj is None:
+            return out.reshape(out.shape[:2] + (-1,))
+        return self.o_proj(out)
 
     def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         if not self.use_rope:
@@ -365,9 +386,10 @@ class Attention(nnx.Module):
         batch, length = q.shape[:2]
         max_len = cache.max_len
         want = (batch, max_len, self.num_kv_heads, self.head_dim)
-        if cache.k.shape != want or cache.v.shape != want or cache.lengths.shape != (batch,):
+        want_v = want[:-1] + (self.v_head_dim,)
+        if cache.k.shape != want or cache.v.shape != want_v or cache.lengths.shape != (batch,):
             raise ValueError(
-                f"Attention: cache must hold k, v {want} [B,S,Hkv,Dh] and lengths ({batch},), got "
+                f"Attention: cache must hold k {want}, v {want_v} [B,S,Hkv,Dh|Dv] and lengths ({batch},), got "
                 f"k {cache.k.shape}, v {cache.v.shape}, lengths {cache.lengths.shape}"
             )
         starts = cache.lengths.astype(jnp.int32)

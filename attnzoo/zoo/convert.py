@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["StateDictReader", "load_hf_mamba2_mixer", "load_hf_mamba_mixer"]
+__all__ = ["StateDictReader", "load_hf_mamba2_mixer", "load_hf_mamba_mixer", "load_hf_kimi_delta_attention",
+           "load_hf_minimax_lightning_attention"]
 
 
 class StateDictReader:
@@ -159,4 +160,67 @@ def load_hf_mamba_mixer(module, state_dict: Mapping[str, np.ndarray], prefix: st
     assign(module.D, read("D", (inner,)), "D", owner)
     read("out_proj.weight", (module.dim, inner))
     _load_dense(read, module.out_proj, "out_proj", None, owner, "out_proj")
+    return read.finish(strict)
+
+
+def load_hf_kimi_delta_attention(module, state_dict: Mapping[str, np.ndarray], prefix: str = "", *,
+                                 strict: bool = True):
+    """Loads a Hugging Face ``KimiLinearDeltaAttention`` into :class:`attnzoo.layers.delta.KimiDeltaAttention`
+    (built with ``output_gate_bias=False``, ``expand_v=1``, as Kimi Linear).
+
+    Source keys: ``q_proj``/``k_proj``/``v_proj.weight [H K, D]``, ``conv1d.weight [3 H K, 1, W]``
+    (channels q, k, v), ``forget_gate.f_a_proj.weight [K, D]``, ``forget_gate.f_b_proj.weight
+    [H K, K]``, ``forget_gate.dt_bias [H K]``, ``forget_gate.A_log [1, 1, H, 1]``, ``b_proj.weight
+    [H, D]``, ``g_a_proj.weight [K, D]``, ``g_b_proj.weight [H K, K]``, ``o_norm.weight [K]``,
+    ``o_proj.weight [D, H K]``.
+    """
+    owner = "load_hf_kimi_delta_attention"
+    read = StateDictReader(state_dict, prefix, owner)
+    h, k = module.num_v_heads, module.head_k_dim
+    if module.num_heads != h or module.head_v_dim != k:
+        raise ValueError(f"{owner}: the module needs num_v_heads == num_heads and expand_v == 1 (Kimi Linear), got "
+                         f"H={module.num_heads}, Hv={h}, K={k}, V={module.head_v_dim}")
+    if module.g_b_proj.bias is not None:
+        raise ValueError(f"{owner}: Kimi Linear's output gate has no bias; build the module with output_gate_bias=False")
+    width = h * k
+    for name in ("q_proj", "k_proj", "v_proj", "b_proj", "o_proj"):
+        _load_dense(read, getattr(module, name), name, None, owner, name)
+    if module.use_short_conv:
+        read("conv1d.weight", (3 * width, 1, module.conv_size))
+        for index, conv in enumerate((module.q_conv1d, module.k_conv1d, module.v_conv1d)):
+            _load_conv(read, conv, slice(index * width, (index + 1) * width), owner, f"conv{index}")
+    _load_dense(read, module.f_a_proj, "forget_gate.f_a_proj", None, owner, "f_a_proj")
+    _load_dense(read, module.f_b_proj, "forget_gate.f_b_proj", None, owner, "f_b_proj")
+    assign(module.dt_bias, read("forget_gate.dt_bias", (width,)).reshape(h, k), "dt_bias", owner)
+    assign(module.A_log, read("forget_gate.A_log", (1, 1, h, 1)).reshape(h), "A_log", owner)
+    _load_dense(read, module.g_a_proj, "g_a_proj", None, owner, "g_a_proj")
+    _load_dense(read, module.g_b_proj, "g_b_proj", None, owner, "g_b_proj")
+    assign(module.o_norm.norm.scale, read("o_norm.weight", (k,)), "o_norm.norm.scale", owner)
+    return read.finish(strict)
+
+
+def load_hf_minimax_lightning_attention(module, state_dict: Mapping[str, np.ndarray], prefix: str = "", *,
+                                        strict: bool = True):
+    """Loads a Hugging Face ``MiniMaxLightningAttention`` into :class:`attnzoo.layers.linear.LightningAttention`
+    (build it with the same ``layer_idx`` / ``num_layers``: the decay slopes are constants, not weights).
+
+    Source keys: ``qkv_proj.weight [3 H Dh, D]`` (rows per head: q, k, v of that head),
+    ``output_gate.weight [H Dh, D]``, ``norm.weight [H Dh]``, ``out_proj.weight [D, H Dh]``; the
+    buffers ``slope_rate``, ``query_decay``, ``key_decay``, ``diagonal_decay`` are derived and skipped.
+    """
+    owner = "load_hf_minimax_lightning_attention"
+    read = StateDictReader(state_dict, prefix, owner)
+    h, dh, d = module.num_heads, module.head_dim, module.dim
+    qkv = read("qkv_proj.weight", (3 * h * dh, d)).reshape(h, 3, dh, d)
+    for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        kernel = np.transpose(qkv[:, index], (2, 0, 1))  # [D, H, Dh]
+        assign(getattr(module, name).kernel, kernel, f"{name}.kernel", owner)
+    if module.gate_proj is None:
+        raise ValueError(f"{owner}: MiniMax's output gate is full rank; build the module with gate_low_rank_dim=None")
+    _load_dense(read, module.gate_proj, "output_gate", None, owner, "gate_proj")
+    assign(module.norm.scale, read("norm.weight", (h * dh,)), "norm.scale", owner)
+    _load_dense(read, module.o_proj, "out_proj", None, owner, "o_proj")
+    for buffer in ("slope_rate", "query_decay", "key_decay", "diagonal_decay"):
+        if read.has(buffer):
+            read.used.add(prefix + buffer)
     return read.finish(strict)

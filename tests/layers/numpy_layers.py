@@ -92,3 +92,91 @@ def numpy_ssd(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, dt_lim
                     y[b, t, h] += skip * x[b, t, h]
             final[b, h] = state
     return y, final
+
+
+def numpy_rope(x, positions, theta):
+    """Rotate-half RoPE of ``x [B, T, H, D]`` at ``positions [B, T]``."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-np.arange(half) * 2.0 / x.shape[-1])
+    angles = positions[:, :, None, None] * freqs  # [B,T,1,half]
+    first, second = x[..., :half], x[..., half:]
+    return np.concatenate(
+        [first * np.cos(angles) - second * np.sin(angles), second * np.cos(angles) + first * np.sin(angles)], -1
+    )
+
+
+def numpy_attention_layer(module, x, *, segment_ids=None, positions=None):
+    """An ``Attention`` layer in float64 numpy: projections, qk-norm, RoPE, masked softmax, output
+    projection (or the heads flattened without one)."""
+    p = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
+    x = np.asarray(x, np.float64)
+    batch, length, _ = x.shape
+
+    def dense(d, inp, eq):
+        out = np.einsum(eq, inp, p(d.kernel))
+        return out if d.bias is None else out + p(d.bias)
+
+    q = dense(module.q_proj, x, "btd,dhk->bthk")
+    k = dense(module.k_proj, x, "btd,dhk->bthk")
+    v = dense(module.v_proj, x, "btd,dhk->bthk")
+    if module.q_norm is not None:
+        rms = lambda a, s: a / np.sqrt(np.mean(a**2, -1, keepdims=True) + 1e-6) * s  # noqa: E731
+        q, k = rms(q, p(module.q_norm.scale)), rms(k, p(module.k_norm.scale))
+    if positions is None:
+        positions = np.broadcast_to(np.arange(length), (batch, length))
+    if module.use_rope:
+        q, k = numpy_rope(q, np.asarray(positions), module.rope_theta), numpy_rope(k, np.asarray(positions), module.rope_theta)
+    group = module.num_heads // module.num_kv_heads
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    scale = module.head_dim**-0.5 if module.scale is None else module.scale
+    scores = np.einsum("bthk,bshk->bhts", q, k) * scale
+    if module.softcap is not None:
+        scores = module.softcap * np.tanh(scores / module.softcap)
+    i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+    visible = np.ones((batch, 1, length, length), bool)
+    if module.causal:
+        visible &= j <= i
+    if module.window is not None:
+        left, right = module.window
+        if left is not None:
+            visible &= j >= i - left
+        if right is not None:
+            visible &= j <= i + right
+    if segment_ids is not None:
+        seg = np.asarray(segment_ids)
+        visible &= (seg[:, :, None] == seg[:, None, :])[:, None]
+    scores = np.where(visible, scores, -np.inf)
+    row_max = np.max(scores, -1, keepdims=True)
+    weights = np.where(visible, np.exp(scores - np.where(np.isfinite(row_max), row_max, 0)), 0)
+    denom = weights.sum(-1, keepdims=True)
+    probs = weights / np.where(denom > 0, denom, 1)
+    out = np.einsum("bhts,bshk->bthk", probs, v)
+    if module.o_proj is None:
+        return out.reshape(batch, length, -1)
+    return dense(module.o_proj, out, "bthk,hkd->btd")
+
+
+def numpy_mamba(m, x, segment_ids=None):
+    """mamba_ssm's Mamba (selective_scan_ref) token by token from a ``Mamba`` layer's parameters,
+    with its optional RMSNorms on dt, B, C and without ``out_proj`` when it has none."""
+    x = np.asarray(x, np.float64)
+    batch, length, _ = x.shape
+    xs = short_conv(m.conv1d, dense(m.x_in_proj, x), segment_ids)
+    z = dense(m.z_proj, x)
+    dt_low, B, C = dense(m.dt_in_proj, xs), dense(m.B_proj, xs), dense(m.C_proj, xs)  # [B,T,R], [B,T,N]
+    if m.dt_layernorm is not None:
+        dt_low = rms_norm(dt_low, param64(m.dt_layernorm.scale), m.dt_layernorm.epsilon)
+        B = rms_norm(B, param64(m.B_layernorm.scale), m.B_layernorm.epsilon)
+        C = rms_norm(C, param64(m.C_layernorm.scale), m.C_layernorm.epsilon)
+    dt = softplus(dense(m.dt_proj, dt_low) + param64(m.dt_bias))  # [B, T, d_inner]
+    A = -np.exp(param64(m.A_log))  # [d_inner, N]
+    y = np.zeros_like(xs)
+    for b in range(batch):
+        state = np.zeros(A.shape)
+        for t in range(length):
+            if segment_ids is not None and t > 0 and segment_ids[b, t] != segment_ids[b, t - 1]:
+                state = np.zeros_like(state)
+            state = np.exp(dt[b, t][:, None] * A) * state + (dt[b, t] * xs[b, t])[:, None] * B[b, t][None, :]
+            y[b, t] = state @ C[b, t]
+    y = (y + xs * param64(m.D)) * silu(z)
+    return y if m.out_proj is None else dense(m.out_proj, y)

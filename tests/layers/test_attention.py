@@ -10,6 +10,7 @@ from flax.nnx import bridge
 
 from attnzoo import layers
 from attnzoo.layers import Attention, KVCache
+from tests.layers.numpy_layers import numpy_attention_layer
 
 
 def _rel_err(out, ref):
@@ -30,64 +31,6 @@ def _randomize(module, seed=0, scale=0.3):
     return module
 
 
-def _numpy_rope(x, positions, theta):
-    half = x.shape[-1] // 2
-    freqs = theta ** (-np.arange(half) * 2.0 / x.shape[-1])
-    angles = positions[:, :, None, None] * freqs  # [B,T,1,half]
-    first, second = x[..., :half], x[..., half:]
-    return np.concatenate(
-        [first * np.cos(angles) - second * np.sin(angles), second * np.cos(angles) + first * np.sin(angles)], -1
-    )
-
-
-def _numpy_attention_layer(module: Attention, x, *, segment_ids=None, positions=None):
-    """The whole layer in float64 numpy: projections, qk-norm, RoPE, masked softmax, output."""
-    p = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
-    x = np.asarray(x, np.float64)
-    batch, length, _ = x.shape
-
-    def dense(d, inp, eq):
-        out = np.einsum(eq, inp, p(d.kernel))
-        return out if d.bias is None else out + p(d.bias)
-
-    q = dense(module.q_proj, x, "btd,dhk->bthk")
-    k = dense(module.k_proj, x, "btd,dhk->bthk")
-    v = dense(module.v_proj, x, "btd,dhk->bthk")
-    if module.q_norm is not None:
-        rms = lambda a, s: a / np.sqrt(np.mean(a**2, -1, keepdims=True) + 1e-6) * s  # noqa: E731
-        q, k = rms(q, p(module.q_norm.scale)), rms(k, p(module.k_norm.scale))
-    if positions is None:
-        positions = np.broadcast_to(np.arange(length), (batch, length))
-    if module.use_rope:
-        q, k = _numpy_rope(q, np.asarray(positions), module.rope_theta), _numpy_rope(k, np.asarray(positions), module.rope_theta)
-    group = module.num_heads // module.num_kv_heads
-    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    scale = module.head_dim**-0.5 if module.scale is None else module.scale
-    scores = np.einsum("bthk,bshk->bhts", q, k) * scale
-    if module.softcap is not None:
-        scores = module.softcap * np.tanh(scores / module.softcap)
-    i, j = np.arange(length)[:, None], np.arange(length)[None, :]
-    visible = np.ones((batch, 1, length, length), bool)
-    if module.causal:
-        visible &= j <= i
-    if module.window is not None:
-        left, right = module.window
-        if left is not None:
-            visible &= j >= i - left
-        if right is not None:
-            visible &= j <= i + right
-    if segment_ids is not None:
-        seg = np.asarray(segment_ids)
-        visible &= (seg[:, :, None] == seg[:, None, :])[:, None]
-    scores = np.where(visible, scores, -np.inf)
-    row_max = np.max(scores, -1, keepdims=True)
-    weights = np.where(visible, np.exp(scores - np.where(np.isfinite(row_max), row_max, 0)), 0)
-    denom = weights.sum(-1, keepdims=True)
-    probs = weights / np.where(denom > 0, denom, 1)
-    out = np.einsum("bhts,bshk->bthk", probs, v)
-    return dense(module.o_proj, out, "bthk,hkd->btd")
-
-
 @nnx.jit
 def _apply(module, x, segment_ids=None, positions=None):
     """The module's forward under jit (eager dispatch of the blockwise op is slow on CPU)."""
@@ -100,6 +43,7 @@ CONFIGS = {
     "mqa_softcap": dict(num_heads=4, num_kv_heads=1, softcap=2.0, rope_theta=500.0),
     "bidirectional_window": dict(num_heads=2, causal=False, window=(2, 3), use_rope=False),
     "head_dim_and_scale": dict(num_heads=3, head_dim=10, scale=0.2),
+    "wide_values_no_output_projection": dict(num_heads=4, num_kv_heads=2, v_head_dim=10, output_projection=False),
 }
 
 
@@ -108,8 +52,9 @@ def test_attention_matches_numpy(name):
     module = _randomize(Attention(24, rngs=nnx.Rngs(0), impl="xla", **CONFIGS[name]))
     x = np.random.default_rng(1).normal(size=(2, 11, 24)).astype(np.float32)
     out = _apply(module, jnp.asarray(x))
-    assert out.shape == (2, 11, 24) and out.dtype == jnp.float32
-    assert _rel_err(out, _numpy_attention_layer(module, x)) < 1e-5
+    width = 24 if module.o_proj is not None else module.num_heads * module.v_head_dim
+    assert out.shape == (2, 11, width) and out.dtype == jnp.float32
+    assert _rel_err(out, numpy_attention_layer(module, x)) < 1e-5
 
 
 @pytest.mark.parametrize("impl", ["xla", "reference"])
@@ -119,7 +64,7 @@ def test_attention_segments_and_positions_match_numpy(impl):
     segment_ids = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0, 0, 5, 5]])
     positions = np.array([[0, 1, 2, 3, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 0, 1]])
     out = _apply(module, jnp.asarray(x), jnp.asarray(segment_ids), jnp.asarray(positions))
-    ref = _numpy_attention_layer(module, x, segment_ids=segment_ids, positions=positions)
+    ref = numpy_attention_layer(module, x, segment_ids=segment_ids, positions=positions)
     assert _rel_err(out, ref) < 1e-5
     # A packed document equals the same document run alone.
     alone = _apply(module, jnp.asarray(x[:1, 4:]))
@@ -148,7 +93,7 @@ def test_attention_bfloat16_compute():
     x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 6, 16)), jnp.float32)
     out = _apply(module, x)
     assert out.dtype == jnp.bfloat16 and module.q_proj.kernel[...].dtype == jnp.float32
-    assert _rel_err(out, _numpy_attention_layer(module, x)) < 3e-2
+    assert _rel_err(out, numpy_attention_layer(module, x)) < 3e-2
 
 
 def test_attention_parameter_logical_axes():
@@ -256,8 +201,9 @@ def _cached_call(module, x, cache, valid_lengths=None):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(num_kv_heads=2, qk_norm=True, window=(3, 0), softcap=3.0), dict(num_kv_heads=1)],
-    ids=["gqa_window_softcap", "mqa"],
+    [dict(num_kv_heads=2, qk_norm=True, window=(3, 0), softcap=3.0), dict(num_kv_heads=1),
+     dict(num_kv_heads=2, v_head_dim=6, output_projection=False)],
+    ids=["gqa_window_softcap", "mqa", "wide_values_no_output_projection"],
 )
 def test_prefill_then_decode_equals_full_forward(options):
     module = _randomize(Attention(16, 4, impl="xla", rngs=nnx.Rngs(0), **options))
@@ -265,6 +211,7 @@ def test_prefill_then_decode_equals_full_forward(options):
     full = _apply(module, x)
     cache = module.init_cache(2, 12)
     assert isinstance(cache, KVCache) and cache.k.shape == (2, 12, options["num_kv_heads"], 4)
+    assert cache.v.shape == (2, 12, options["num_kv_heads"], options.get("v_head_dim", 4))
     # Prefill 4 tokens, a second chunk of 3 (T > 1 at a non-zero position), then 3 single steps.
     outputs = []
     y, cache = _cached_call(module, x[:, :4], cache)
@@ -402,7 +349,7 @@ def test_attention_pallas_matches_numpy_gradients_and_decoding():
     x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 9, 16)), jnp.float32)
     segment_ids = jnp.asarray([[0, 0, 0, 0, 0, 1, 1, 1, 1], [2] * 9], jnp.int32)
     out = _apply(module, x, segment_ids)
-    assert _rel_err(out, _numpy_attention_layer(module, x, segment_ids=np.asarray(segment_ids))) < 1e-5
+    assert _rel_err(out, numpy_attention_layer(module, x, segment_ids=np.asarray(segment_ids))) < 1e-5
 
     xla_module = _randomize(Attention(16, 4, impl="xla", rngs=nnx.Rngs(0), **options))
     loss_grad = nnx.jit(nnx.grad(lambda m, x: jnp.mean(m(x) ** 2)))

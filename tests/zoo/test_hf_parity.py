@@ -34,7 +34,7 @@ def randomize_torch(module, seed: int, scale: float = 0.3):
             value = torch.randn(param.shape, generator=generator) * scale
             if name.endswith("A_log"):
                 value = torch.log(torch.rand(param.shape, generator=generator) * 15 + 1)
-            elif name.endswith("dt_bias") or name.endswith("dt_proj.bias"):
+            elif name.endswith("dt_bias") or name.endswith("dt_proj.bias"):  # softplus(dt_bias) in [1e-3, 0.1]
                 dt = torch.exp(torch.rand(param.shape, generator=generator) * (np.log(0.1) - np.log(1e-3)) + np.log(1e-3))
                 value = dt + torch.log(-torch.expm1(-dt))
             elif name.endswith("norm.weight") or name.endswith(".D") or name == "D":
@@ -90,3 +90,34 @@ def test_converter_errors_name_the_key():
         convert.load_hf_mamba2_mixer(wrong, state)
     with pytest.raises(ValueError, match="state_dict keys not converted: \\['extra'\\]"):
         convert.load_hf_mamba2_mixer(module, dict(state, extra=np.zeros(1)))
+
+
+def test_kimi_delta_attention_matches_transformers():
+    from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearConfig, KimiLinearDeltaAttention
+
+    config = KimiLinearConfig(hidden_size=48, linear_num_heads=3, linear_head_dim=16, linear_conv_kernel_dim=4,
+                              num_hidden_layers=1, num_attention_heads=3, num_key_value_heads=3)
+    torch_layer = randomize_torch(KimiLinearDeltaAttention(config, layer_idx=0).eval(), 2)
+    x = np.random.default_rng(3).normal(size=(2, 41, 48)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch_layer(torch.from_numpy(x)).numpy()
+    module = layers.create_mixer("kda", dim=48, num_heads=3, head_dim=16, output_gate_bias=False, chunk_size=16,
+                                 norm_eps=config.rms_norm_eps, rngs=nnx.Rngs(0))
+    assert convert.load_hf_kimi_delta_attention(module, numpy_state(torch_layer)) == []
+    assert_close(module(jnp.asarray(x)), expected, "kda vs transformers", dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("layer_idx", [0, 2])
+def test_minimax_lightning_attention_matches_transformers(layer_idx):
+    from transformers.models.minimax.modeling_minimax import MiniMaxConfig, MiniMaxLightningAttention
+
+    config = MiniMaxConfig(hidden_size=48, num_attention_heads=4, head_dim=12, num_hidden_layers=4, block_size=16,
+                           num_key_value_heads=4, layer_types=["linear_attention"] * 4)
+    torch_layer = randomize_torch(MiniMaxLightningAttention(config, layer_idx=layer_idx).eval(), 4)
+    x = np.random.default_rng(5).normal(size=(2, 37, 48)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch_layer(torch.from_numpy(x), position_embeddings=None, attention_mask=None)[0].numpy()
+    module = layers.create_mixer("lightning", dim=48, num_heads=4, head_dim=12, layer_idx=layer_idx, num_layers=4,
+                                 chunk_size=16, rngs=nnx.Rngs(0))
+    assert convert.load_hf_minimax_lightning_attention(module, numpy_state(torch_layer)) == []
+    assert_close(module(jnp.asarray(x)), expected, f"lightning layer {layer_idx} vs transformers", dtype=jnp.float32)
