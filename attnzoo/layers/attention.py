@@ -84,7 +84,9 @@ class Attention(nnx.Module):
       causal: causal masking (required for decoding with a cache).
       window: ``(left, right)`` sliding window (token ``i`` sees ``i-left .. i+right``; a side may be
         None = unbounded) or None. With ``causal`` only ``left`` matters.
-      use_rope / rope_theta / rotary_dim: rotary embedding of q and k (rotate-half convention).
+      use_rope / rope_theta / rotary_dim: rotary embedding of q and k (rotate-half convention) on
+        the first ``rotary_dim`` features of each head (default all); or ``partial_rotary_factor``,
+        the rotated fraction of the head (MiniMax: 0.5).
       qk_norm: RMSNorm over ``head_dim`` of each query and key head (before RoPE); ``qk_norm_eps``.
       softcap: logit soft-capping ``c * tanh(s / c)``, or None. scale: logit scale, default ``Dh**-0.5``.
       qkv_bias / out_bias: biases on the input / output projections.
@@ -110,6 +112,7 @@ class Attention(nnx.Module):
         use_rope: bool = True,
         rope_theta: float = 10000.0,
         rotary_dim: int | None = None,
+        partial_rotary_factor: float | None = None,
         qk_norm: bool = False,
         qk_norm_eps: float = 1e-6,
         softcap: float | None = None,
@@ -149,6 +152,11 @@ class Attention(nnx.Module):
         self.window = check_window(owner, window)
         self.use_rope = bool(use_rope)
         self.rope_theta = check_float(owner, "rope_theta", rope_theta, positive=True, allow_none=False)
+        if partial_rotary_factor is not None:
+            if rotary_dim is not None:
+                raise ValueError(f"{owner}: give rotary_dim or partial_rotary_factor, not both")
+            factor = check_float(owner, "partial_rotary_factor", partial_rotary_factor, positive=True, allow_none=False)
+            rotary_dim = int(self.head_dim * factor)
         rotary_dim = self.head_dim if rotary_dim is None else check_int(owner, "rotary_dim", rotary_dim)
         if use_rope and (rotary_dim % 2 or rotary_dim > self.head_dim):
             raise ValueError(f"{owner}: rotary_dim must be even and <= head_dim ({self.head_dim}), got {rotary_dim}")
@@ -267,6 +275,7 @@ class Attention(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         valid_lengths: jax.Array | None = None,
+        qkv_deltas: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     ):
         """Attention over a sequence, or a prefill / decoding step against a cache.
 
@@ -282,6 +291,8 @@ class Attention(nnx.Module):
             (right padding; default T): each row's length advances by its own count, so prompts
             of different lengths are prefilled together. Outputs at padding positions are
             unspecified.
+          qkv_deltas: ``(dq [B,T,Hq,Dh], dk [B,T,Hkv,Dh], dv [B,T,Hkv,Dv])`` added to the q, k, v
+            projections (per-call low-rank adapters of a weight-shared block, as Zamba2's), or None.
 
         Returns ``y [B, T, D]`` in the compute dtype; with a cache ``(y, new_cache)``. If a row
         would overflow the cache (``lengths[b] + T > max_len``) its outputs are NaN (and a
@@ -294,6 +305,11 @@ class Attention(nnx.Module):
         check_input("Attention", x, ndim=3, last=self.dim, layout="[B,T,D]")
         batch, length, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if qkv_deltas is not None:
+            for name, projection, delta in zip("qkv", (q, k, v), qkv_deltas):
+                if delta.shape != projection.shape:
+                    raise ValueError(f"Attention: qkv_deltas {name} must have shape {projection.shape}, got {delta.shape}")
+            q, k, v = (p + d.astype(p.dtype) for p, d in zip((q, k, v), qkv_deltas))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if cache is None:

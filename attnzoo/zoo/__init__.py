@@ -13,6 +13,8 @@ from attnzoo.zoo.registry import create_model, get_model_factory, list_models, r
 # Importing the model modules registers their presets.
 from attnzoo.zoo.lm import DecoderLM  # noqa: E402
 from attnzoo.zoo.vit import VisionTransformer  # noqa: E402
+from attnzoo.zoo import hybrid_lm as _hybrid_lm  # noqa: E402,F401  (hybrid LM presets)
+from attnzoo.zoo.zamba import ZambaLM  # noqa: E402
 
 __all__ = [
     "list_models",
@@ -21,6 +23,7 @@ __all__ = [
     "get_model_factory",
     "VisionTransformer",
     "DecoderLM",
+    "ZambaLM",
     "LayerStack",
     "remat_policy",
 ]

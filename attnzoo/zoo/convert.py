@@ -15,14 +15,16 @@ under ``prefix`` that no converter consumed are reported (``strict=True`` raises
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 __all__ = ["StateDictReader", "load_hf_mamba2_mixer", "load_hf_mamba_mixer", "load_hf_kimi_delta_attention",
-           "load_hf_minimax_lightning_attention"]
+           "load_hf_minimax_lightning_attention", "load_hf_zamba2"]
 
 
 class StateDictReader:
@@ -223,4 +225,116 @@ def load_hf_minimax_lightning_attention(module, state_dict: Mapping[str, np.ndar
     for buffer in ("slope_rate", "query_decay", "key_decay", "diagonal_decay"):
         if read.has(buffer):
             read.used.add(prefix + buffer)
+    return read.finish(strict)
+
+
+def _load_stacked(stack, load_repeat) -> None:
+    """Calls ``load_repeat(k, layer)`` on a standalone copy of each repeat ``k`` of a
+    :class:`attnzoo.zoo.common.LayerStack` and writes the loaded parameters back into the stack."""
+    loaded = []
+    for k in range(stack.num_layers):
+        layer = stack.layer(k)
+        load_repeat(k, layer)
+        loaded.append(nnx.state(layer, nnx.Param))
+    stacked = jax.tree.map(lambda *values: jnp.stack(values), *loaded)
+    target = nnx.state(stack.layers, nnx.Param)
+    jax.tree.map(lambda variable, value: variable.set_value(value.astype(variable.get_value().dtype)),
+                 target, stacked, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    nnx.update(stack.layers, target)
+
+
+def _same_as(read, name: str, value: np.ndarray, owner: str) -> None:
+    """A tied copy of an already converted array: must be present under ``name`` and equal."""
+    if read.has(name):
+        if not np.array_equal(read(name), value):
+            raise ValueError(f"{owner}: {read.prefix + name!r} should be tied to an already converted array but differs")
+
+
+def load_hf_zamba2(model, state_dict: Mapping[str, np.ndarray], prefix: str = "", *, strict: bool = True):
+    """Loads a Hugging Face ``Zamba2ForCausalLM`` (``prefix=""``) or ``Zamba2Model``
+    (``prefix`` so that keys read ``model.layers...`` after it) into :class:`attnzoo.zoo.zamba.ZambaLM`.
+
+    The model must have the checkpoint's layout: ``mixer="mamba2"``, ``hybrid_layer_ids`` at
+    ``shared_offset`` of every ``shared_every`` layers, ``num_shared_blocks = num_mem_blocks``, the
+    same adapter rank and ``attention_adapters = use_shared_attention_adapter``. Keys: per layer
+    ``l`` the Mamba-2 mixer (``model.layers.l.mamba.*`` or ``.mamba_decoder.mamba.*``, see
+    :func:`load_hf_mamba2_mixer`) and its ``input_layernorm``; at shared layers ``linear.weight`` and
+    ``shared_transformer.*`` (``self_attn.{q,k,v,o}_proj``, the adapters ``linear_{q,k,v}_adapter_list.i``
+    and ``feed_forward.gate_up_proj_adapter_list.i`` of the ``i``-th shared layer, ``input_layernorm``,
+    ``pre_ff_layernorm``, ``feed_forward.{gate_up,down}_proj``); ``model.embed_tokens.weight``,
+    ``model.final_layernorm.weight`` and a tied ``lm_head.weight``. Tied copies of a shared block
+    must equal the first one.
+    """
+    owner = "load_hf_zamba2"
+    read = StateDictReader(state_dict, prefix, owner)
+    d, every, offset, shared = model.dim, model.shared_every, model.shared_offset, model.num_shared_blocks
+    group_size = every * shared
+    embedding = read("model.embed_tokens.weight", (model.vocab_size, d))
+    assign(model.embedding, embedding, "embedding", owner)
+    assign(model.norm.scale, read("model.final_layernorm.weight", (d,)), "norm.scale", owner)
+    if model.head is None:
+        _same_as(read, "lm_head.weight", embedding, owner)
+    else:
+        _load_dense(read, model.head, "lm_head", None, owner, "head")
+
+    first_use: dict[int, str] = {}
+
+    def load_block(block, key: str):
+        attention = block.attention
+        for name in ("q_proj", "k_proj", "v_proj"):
+            _load_dense(read, getattr(attention, name), f"{key}self_attn.{name}", None, owner, f"shared {name}")
+        _load_dense(read, block.o_proj, f"{key}self_attn.o_proj", None, owner, "shared o_proj")
+        assign(block.input_norm.scale, read(f"{key}input_layernorm.weight", (2 * d,)), "shared input_norm", owner)
+        assign(block.mlp_norm.scale, read(f"{key}pre_ff_layernorm.weight", (d,)), "shared mlp_norm", owner)
+        _load_dense(read, block.gate_up_proj, f"{key}feed_forward.gate_up_proj", None, owner, "shared gate_up_proj")
+        _load_dense(read, block.down_proj, f"{key}feed_forward.down_proj", None, owner, "shared down_proj")
+
+    def check_tied(key: str, first: str):
+        for name in list(read.state_dict):
+            if name.startswith(read.prefix + first) and "adapter_list" not in name:
+                _same_as(read, key + name[len(read.prefix + first):], np.asarray(read.state_dict[name]), owner)
+
+    def load_repeat(k: int, superblock) -> None:
+        for local in range(group_size):
+            layer_index = k * group_size + local
+            group, position = divmod(local, every)
+            key = f"model.layers.{layer_index}."
+            layer = superblock.layers[local]
+            if position == offset:
+                invocation = k * shared + group
+                block_key = f"{key}shared_transformer."
+                if group not in first_use:
+                    first_use[group] = block_key
+                    load_block(model.shared[group], block_key)
+                else:
+                    check_tied(block_key, first_use[group])
+                _load_dense(read, superblock.shared_proj[group], f"{key}linear", None, owner, f"shared_proj[{group}]")
+                adapters = superblock.adapters[group]
+                if adapters.q_down is not None:
+                    for name in "qkv":
+                        base = f"{block_key}self_attn.linear_{name}_adapter_list.{invocation}"
+                        _load_dense(read, getattr(adapters, f"{name}_down"), f"{base}.0", None, owner, f"{name}_down")
+                        _load_dense(read, getattr(adapters, f"{name}_up"), f"{base}.1", None, owner, f"{name}_up")
+                base = f"{block_key}feed_forward.gate_up_proj_adapter_list.{invocation}"
+                _load_dense(read, adapters.gate_up_down, f"{base}.0", None, owner, "gate_up_down")
+                _load_dense(read, adapters.gate_up_up, f"{base}.1", None, owner, "gate_up_up")
+                key = f"{key}mamba_decoder."
+            assign(layer.norm.scale, read(f"{key}input_layernorm.weight", (d,)), f"layers[{layer_index}].norm", owner)
+            mixer_read = StateDictReader(state_dict, read.prefix + f"{key}mamba.", owner)
+            load_hf_mamba2_mixer(layer.mixer, state_dict, read.prefix + f"{key}mamba.", strict=False)
+            read.used.update(k2 for k2 in state_dict if k2.startswith(mixer_read.prefix))
+
+    _load_stacked(model.blocks, load_repeat)
+    # A shared block's adapter lists hold every one of its calls' adapters, so each adapter also
+    # appears under the other layers that share the block: those copies must equal the converted one.
+    pattern = re.compile(r"model\.layers\.(\d+)\.shared_transformer\.(.*_adapter_list)\.(\d+)\.(.*)")
+    for name in read.unused():
+        match = pattern.fullmatch(name[len(read.prefix):])
+        if match is None:
+            continue
+        invocation = int(match.group(3))
+        home = (invocation // shared) * group_size + (invocation % shared) * every + offset
+        canonical = f"model.layers.{home}.shared_transformer.{match.group(2)}.{invocation}.{match.group(4)}"
+        if read.prefix + canonical in read.used:
+            _same_as(read, name[len(read.prefix):], np.asarray(state_dict[read.prefix + canonical]), owner)
     return read.finish(strict)

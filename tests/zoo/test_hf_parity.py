@@ -121,3 +121,26 @@ def test_minimax_lightning_attention_matches_transformers(layer_idx):
                                  chunk_size=16, rngs=nnx.Rngs(0))
     assert convert.load_hf_minimax_lightning_attention(module, numpy_state(torch_layer)) == []
     assert_close(module(jnp.asarray(x)), expected, f"lightning layer {layer_idx} vs transformers", dtype=jnp.float32)
+
+
+def test_zamba2_model_matches_transformers():
+    from transformers import Zamba2Config, Zamba2ForCausalLM
+
+    from attnzoo.zoo.zamba import ZambaLM
+
+    config = Zamba2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=8, layers_block_type=["mamba", "hybrid"] * 4,
+        mamba_d_state=8, n_mamba_heads=4, mamba_headdim=16, mamba_ngroups=1, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=48, adapter_rank=8, use_shared_attention_adapter=True,
+        use_mem_rope=True, chunk_size=16, num_mem_blocks=2, tie_word_embeddings=True,
+    )
+    torch_model = randomize_torch(Zamba2ForCausalLM(config).eval(), 6, scale=0.2)
+    tokens = np.random.default_rng(7).integers(0, 64, size=(2, 23))
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(tokens)).logits.numpy()
+    model = ZambaLM(64, 32, 8, 4, mixer="mamba2", shared_every=2, shared_offset=1, num_shared_blocks=2, mlp_dim=48,
+                    adapter_rank=8, attention_adapters=True, use_rope=True,
+                    mixer_options=dict(state_dim=8, chunk_size=16, dt_limit=(config.time_step_min, float("inf"))),
+                    rngs=nnx.Rngs(0))
+    assert convert.load_hf_zamba2(model, numpy_state(torch_model)) == []
+    assert_close(model(jnp.asarray(tokens)), expected, "zamba2 logits vs transformers", dtype=jnp.float32)

@@ -1,0 +1,52 @@
+"""Every hybrid LM preset trains through the trainer (attnzoo/configs/hybrid_lm.py): a few steps of a
+narrowed copy of its tiny size on the byte-level corpus, with finite and falling loss."""
+
+import json
+import math
+
+import pytest
+
+from attnzoo import zoo
+from attnzoo.configs import hybrid_lm
+from attnzoo.train import train_and_evaluate
+from attnzoo.zoo.hybrid_lm import HYBRID_PRESETS
+
+PRESETS = sorted(HYBRID_PRESETS) + ["zamba_lm"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.getbasetemp() / "tfds_hybrid")
+
+
+def test_every_preset_is_registered_in_both_sizes():
+    for name in PRESETS:
+        assert {f"{name}_tiny", f"{name}_small"} <= set(zoo.list_models(f"{name}_*"))
+    assert hybrid_lm.get_config().model.name == hybrid_lm.DEFAULT_MODEL
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_trains_through_the_trainer(name, tmp_path, data_dir):
+    config = hybrid_lm.get_config(f"{name}_tiny")
+    config.data.data_dir = data_dir
+    config.data.seq_len = 32
+    config.model.kwargs.dim = 32
+    config.model.kwargs.num_heads = 2
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.eval_max_batches = 1
+    config.num_steps = 12
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.warmup_steps = 2
+    config.log_every_steps = 1
+    config.eval_every_steps = 0
+    config.checkpoint.every_steps = 12
+    workdir = tmp_path / name
+    run = train_and_evaluate(config, str(workdir))
+    assert run.step == 12
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r.get("split") == "train"]
+    assert len(losses) >= 10 and all(math.isfinite(x) for x in losses), (name, losses)
+    assert losses[-1] < losses[0] < 1.2 * math.log(256), (name, losses)
