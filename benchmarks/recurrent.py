@@ -106,6 +106,7 @@ RECURRENT_OPS = {
     "gated_delta_rule": ("scalar", True),
     "kda": ("channel", True),
     "ssd": ("ssd", False),
+    "selective_scan": ("selective_scan", False),
     # transformers' Mamba-2 chunked scan in PyTorch (mamba2_chunk_scan, what its Mamba2Mixer runs
     # on CPU), on the same inputs as ssd: needs torch and transformers (e.g. .venv-parity).
     "ssd_torch": ("ssd", False),

@@ -37,7 +37,7 @@ def test_recurrent_benchmark_smoke(tmp_path):
     assert "FAIL" not in result.stdout and "| gated_delta_rule |" in result.stdout and "Crossover" in result.stdout
     records = json.loads((tmp_path / "table.json").read_text())
     assert len(records) == 1 and set(records[0]["results"]["256"]) == {
-        "attention", "linear_attention", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "kda", "ssd"
+        "attention", "linear_attention", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "kda", "ssd", "selective_scan"
     }
 
 

@@ -49,3 +49,4 @@ __all__ = [
 from attnzoo.layers import linear as _linear  # noqa: E402,F401  (registers the mixers)
 from attnzoo.layers import delta as _delta  # noqa: E402,F401  (registers the mixers)
 from attnzoo.layers import ssm as _ssm  # noqa: E402,F401  (registers the mixers)
+from attnzoo.layers import hybrid as _hybrid  # noqa: E402,F401  (registers the mixers)

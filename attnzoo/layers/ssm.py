@@ -26,9 +26,11 @@ from flax import nnx
 
 from attnzoo.layers.common import (
     Dense,
+    shard_map_batch_heads,
     DType,
     GatedRMSNorm,
     MeshAxes,
+    RMSNorm,
     RecurrentCache,
     RecurrentMixer,
     ShortConvolution,
@@ -40,10 +42,12 @@ from attnzoo.layers.common import (
 )
 from attnzoo.layers.linear import chunked_op_flops
 from attnzoo.layers.registry import register_mixer
+from attnzoo import pallas_kernels as pk
+from attnzoo.pallas_kernels import common as pk_common
 from attnzoo.pallas_kernels.common import check_float, check_int
 from attnzoo.pallas_kernels.ssm.ssd import skip_connection, ssd_inputs
 
-__all__ = ["Mamba2"]
+__all__ = ["Mamba2", "Mamba"]
 
 
 def _expanded_width(owner: str, dim: int, expand) -> int:
@@ -251,3 +255,204 @@ class Mamba2(RecurrentMixer):
         z = self.z_proj(x).reshape(o.shape)
         y = self.norm(o.astype(dtype), z).reshape(batch, length, self.num_heads, self.head_dim)
         return self._finish(self.out_proj(y), cache, state, convs, mask, length)
+
+
+@register_mixer("mamba")
+class Mamba(RecurrentMixer):
+    """Mamba (S6): the selective scan with a diagonal state per channel (``pk.selective_scan``).
+
+    Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces"
+    (arXiv:2312.00752; state-spaces/mamba ``mamba_simple.py``, transformers ``MambaMixer``)::
+
+        x, z = in_proj(u)                                 x, z [d_inner]
+        x = silu(conv1d(x))                               depthwise causal conv (with bias)
+        dt_r, B, C = x_proj(x)                            dt_r [R], B, C [N]
+        dt = softplus(dt_proj(dt_r) + dt_bias)            [d_inner]
+        y = selective_scan(x, dt, A = -exp(A_log), B, C, D) * silu(z)
+        out = out_proj(y)
+
+    The in-projection is stored as ``x_in_proj`` and ``z_proj``, ``x_proj`` as ``dt_in_proj``,
+    ``B_proj`` and ``C_proj``, and ``dt_proj``'s bias as ``dt_bias``. Mamba has no heads:
+    ``num_heads`` is accepted for the uniform mixer interface and unused.
+
+    Args:
+      dim: model width ``D``. num_heads: unused.
+      expand: ``d_inner = expand * D`` (2). state_dim: ``N`` (``d_state``, 16).
+      dt_rank: ``R``; "auto" is ``ceil(D / 16)``.
+      conv_size (4) / conv_bias (True) / use_bias (in/out projection biases, False).
+      dt_min / dt_max / dt_init_floor: ``softplus(dt_bias)`` log-uniform in ``[dt_min, dt_max]``
+        at initialisation (0.001, 0.1, 1e-4); ``dt_proj.kernel ~ U(+-R^-0.5 dt_scale)``
+        (dt_scale 1).
+      inner_layernorms: RMSNorms (no bias, ``norm_eps``) on ``dt_r``, ``B`` and ``C`` after
+        ``x_proj`` (Jamba's and Hymba's Mamba; False).
+      output_projection: apply ``out_proj`` (True); without it the layer returns the gated scan
+        output ``[B, T, d_inner]`` (for blocks that fuse their own output projection, Hymba).
+      impl / chunk_size: of ``pk.selective_scan``; under a mesh with ``pallas`` the op runs in
+        ``shard_map`` over the batch (``mesh_axes.batch``; channels are not split because B and C
+        are shared by all channels).
+      dtype / param_dtype / kernel_init / rngs: as in :class:`Mamba2`.
+
+    Initialisation (mamba_ssm): ``A_log[c, n] = log(n + 1)`` (S4D-real), ``D = 1``.
+
+    Parameters (with ``inner_layernorms`` also ``dt_layernorm.scale [R]``, ``B_layernorm``/
+    ``C_layernorm.scale [N]`` (norm)): ``x_in_proj``/``z_proj.kernel [D, d_inner]`` (embed, mlp); ``conv1d.weight [K,
+    d_inner]`` (conv_kernel, mlp) and bias; ``dt_in_proj.kernel [d_inner, R]``,
+    ``B_proj``/``C_proj.kernel [d_inner, N]`` (mlp, None); ``dt_proj.kernel [R, d_inner]`` (None,
+    mlp); ``dt_bias``, ``D [d_inner]`` (mlp); ``A_log [d_inner, N]`` (mlp, None);
+    ``out_proj.kernel [d_inner, D]`` (mlp, embed).
+
+    Cache: ``state [B, d_inner, N]`` float32, ``conv = (x,)`` state ``[B, K-1, d_inner]``.
+
+    FLOPs: ``2 T (2 D d_inner + d_inner (R + 2 N) + R d_inner + d_inner D)`` for the projections
+    plus ``6 T d_inner N`` for the scan (decay-multiply-add of the state and the readout, counted
+    as 2 FLOPs per multiply-add).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 1,
+        *,
+        expand: float = 2,
+        state_dim: int = 16,
+        dt_rank: int | str = "auto",
+        conv_size: int = 4,
+        conv_bias: bool = True,
+        use_bias: bool = False,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+        inner_layernorms: bool = False,
+        output_projection: bool = True,
+        norm_eps: float = 1e-6,
+        impl: str = "auto",
+        chunk_size: int = 64,
+        mesh_axes: MeshAxes = MeshAxes(),
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        kernel_init=None,
+        rngs: nnx.Rngs,
+    ):
+        owner = type(self).__name__
+        self._setup(owner, dim, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype,
+                    mesh_axes=mesh_axes)
+        self.d_inner = _expanded_width(owner, self.dim, expand)
+        inner_layernorms = check_bool(owner, "inner_layernorms", inner_layernorms)
+        output_projection = check_bool(owner, "output_projection", output_projection)
+        norm_eps = check_float(owner, "norm_eps", norm_eps, positive=True, allow_none=False)
+        self.state_dim = check_int(owner, "state_dim", state_dim)
+        if dt_rank == "auto":
+            dt_rank = -(-self.dim // 16)
+        self.dt_rank = check_int(owner, "dt_rank", dt_rank)
+        self.conv_size = check_int(owner, "conv_size", conv_size)
+        conv_bias = check_bool(owner, "conv_bias", conv_bias)
+        use_bias = check_bool(owner, "use_bias", use_bias)
+        dt_min, dt_max, dt_init_floor = _check_dt_range(owner, dt_min, dt_max, dt_init_floor)
+        dt_scale = check_float(owner, "dt_scale", dt_scale, positive=True, allow_none=False)
+
+        inner, rank, n = self.d_inner, self.dt_rank, self.state_dim
+        dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+        self.x_in_proj = Dense(self.dim, inner, use_bias=use_bias, logical_axes=("embed", "mlp"), **dense)
+        self.z_proj = Dense(self.dim, inner, use_bias=use_bias, logical_axes=("embed", "mlp"), **dense)
+        self.conv1d = ShortConvolution(inner, self.conv_size, activation="silu", use_bias=conv_bias, dtype=dtype,
+                                       param_dtype=param_dtype, logical_axes=("conv_kernel", "mlp"), rngs=rngs)
+        self.dt_in_proj = Dense(inner, rank, logical_axes=("mlp", None), **dense)
+        self.B_proj = Dense(inner, n, logical_axes=("mlp", None), **dense)
+        self.C_proj = Dense(inner, n, logical_axes=("mlp", None), **dense)
+        bound = rank**-0.5 * dt_scale
+        dt_kernel_init = nnx.initializers.uniform(2 * bound)
+        self.dt_proj = Dense(rank, inner, logical_axes=(None, "mlp"), dtype=dtype, param_dtype=param_dtype,
+                             kernel_init=lambda key, shape, dtype: dt_kernel_init(key, shape, dtype) - bound, rngs=rngs)
+        self.dt_bias = nnx.Param(
+            partitioned(dt_bias_init(dt_min, dt_max, dt_init_floor), ("mlp",))(rngs.params(), (inner,), param_dtype)
+        )
+
+        def s4d_real(key, shape, dtype):
+            del key
+            return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[1] + 1, dtype=jnp.float32)), shape).astype(dtype)
+
+        self.A_log = nnx.Param(partitioned(s4d_real, ("mlp", None))(rngs.params(), (inner, n), param_dtype))
+        self.D = nnx.Param(partitioned(nnx.initializers.ones, ("mlp",))(None, (inner,), param_dtype))
+        if inner_layernorms:
+            norm = dict(epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.dt_layernorm, self.B_layernorm, self.C_layernorm = RMSNorm(rank, **norm), RMSNorm(n, **norm), RMSNorm(n, **norm)
+        else:
+            self.dt_layernorm = self.B_layernorm = self.C_layernorm = None
+        self.out_proj = (
+            Dense(inner, self.dim, use_bias=use_bias, logical_axes=("mlp", "embed"), **dense) if output_projection else None
+        )
+
+    def _conv_modules(self):
+        return (self.conv1d,)
+
+    def _state_shape(self, batch):
+        return (batch, self.d_inner, self.state_dim)
+
+    def flops(self, seq_len: int, kv_len: int | None = None) -> int:
+        """Forward FLOPs of one sequence of ``seq_len`` tokens (see the class docstring)."""
+        seq_len = self._flops_seq_len(seq_len, kv_len)
+        d, inner, rank, n = self.dim, self.d_inner, self.dt_rank, self.state_dim
+        output = inner * d if self.out_proj is not None else 0
+        projections = 2 * seq_len * (2 * d * inner + inner * (rank + 2 * n) + rank * inner + output)
+        return int(projections + 6 * seq_len * inner * n)
+
+    def _scan(self, x, dt, A, B, C, segment_ids, initial):
+        """``pk.selective_scan`` (shard-mapped over the batch for Pallas under a mesh)."""
+        options = dict(chunk_size=self.chunk_size, impl=self.impl, return_last_state=initial is not None)
+
+        if initial is None:
+            def run(x, dt, B, C, *ids):
+                return pk.selective_scan(x, dt, A, B, C, segment_ids=ids[0] if ids else None, **options)[0]
+            args, layouts, out = (x, dt, B, C), ("BTD", "BTD", "BTN", "BTN"), "BTD"
+            if segment_ids is not None:
+                args, layouts = args + (segment_ids,), layouts + ("BT",)
+        else:
+            def run(x, dt, B, C, h0):
+                return pk.selective_scan(x, dt, A, B, C, initial_state=h0, **options)
+            args, layouts, out = (x, dt, B, C, initial), ("BTD", "BTD", "BTN", "BTN", "BDN"), ("BTD", "BDN")
+        if pk_common.resolve_impl(self.impl, type(self).__name__) != "pallas":
+            result = run(*args)
+        else:
+            result = shard_map_batch_heads(run, args, layouts, out, self.mesh_axes, owner=type(self).__name__)
+        return result if initial is not None else (result, None)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: RecurrentCache | None = None,
+        valid_lengths: jax.Array | None = None,
+    ):
+        """The mixer over a sequence, or a prefill / decoding step from a cache (as :class:`Mamba2`).
+
+        Returns ``y [B, T, D]`` in the compute dtype; with a cache ``(y, new_cache)``.
+        """
+        del positions
+        mask = self._begin(x, segment_ids, cache, valid_lengths)
+        dtype = compute_dtype(self.dtype, x, self.param_dtype)
+        stat_dtype = jnp.promote_types(dtype, jnp.float32)
+        length = x.shape[1]
+        convs: list = []
+        xs = self._convolve(0, self.x_in_proj(x), segment_ids=segment_ids, cache=cache, mask=mask, new_convs=convs)
+        dt_low, B, C = self.dt_in_proj(xs), self.B_proj(xs), self.C_proj(xs)
+        if self.dt_layernorm is not None:
+            dt_low, B, C = self.dt_layernorm(dt_low), self.B_layernorm(B), self.C_layernorm(C)
+        dt = self.dt_proj(dt_low).astype(stat_dtype) + self.dt_bias[...].astype(stat_dtype)
+        dt = jax.nn.softplus(dt)
+        if mask is not None:  # dt = 0: no decay and no input, the state passes padding unchanged
+            dt = jnp.where(mask[..., None], dt, 0)
+        A = -jnp.exp(self.A_log[...].astype(stat_dtype))
+        if cache is not None and length == 1:
+            y, state = pk.selective_scan_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], cache.state)
+            y, state = y[:, None], state.astype(cache.state.dtype)
+        else:
+            y, state = self._scan(xs, dt, A, B, C, segment_ids, None if cache is None else cache.state)
+            state = None if state is None else state.astype(cache.state.dtype)
+        y = y.astype(stat_dtype) + xs.astype(stat_dtype) * self.D[...].astype(stat_dtype)
+        y = (y * jax.nn.silu(self.z_proj(x).astype(stat_dtype))).astype(dtype)
+        if self.out_proj is not None:
+            y = self.out_proj(y)
+        return self._finish(y, cache, state, convs, mask, length)

@@ -34,7 +34,7 @@ from attnzoo.pallas_kernels.linear_rnn import (
     simple_gla,
     simple_gla_step,
 )
-from attnzoo.pallas_kernels.ssm import ssd, ssd_step
+from attnzoo.pallas_kernels.ssm import selective_scan, selective_scan_step, ssd, ssd_step
 
 __all__ = [
     "attention",
@@ -69,4 +69,6 @@ __all__ = [
     "kda_step",
     "ssd",
     "ssd_step",
+    "selective_scan",
+    "selective_scan_step",
 ]

@@ -132,8 +132,8 @@ def load_hf_mamba2_mixer(module, state_dict: Mapping[str, np.ndarray], prefix: s
 
 
 def load_hf_mamba_mixer(module, state_dict: Mapping[str, np.ndarray], prefix: str = "", *, strict: bool = True):
-    """Loads a Hugging Face ``MambaMixer`` (Mamba-1; also Jamba's and FalconMamba's mixers without
-    their extra norms) into :class:`attnzoo.layers.ssm.Mamba`.
+    """Loads a Hugging Face ``MambaMixer`` (Mamba-1) or ``JambaMambaMixer`` (with its RMSNorms on dt,
+    B, C: build the module with ``inner_layernorms=True``) into :class:`attnzoo.layers.ssm.Mamba`.
 
     Source keys: ``in_proj.weight [2 d_inner, D]`` (rows: x, z), ``conv1d.weight [d_inner, 1, K]``
     / ``.bias``, ``x_proj.weight [R + 2 N, d_inner]`` (rows: dt low rank R, B, C),
@@ -160,6 +160,10 @@ def load_hf_mamba_mixer(module, state_dict: Mapping[str, np.ndarray], prefix: st
     assign(module.dt_bias, read("dt_proj.bias", (inner,)), "dt_bias", owner)
     assign(module.A_log, read("A_log", (inner, n)), "A_log", owner)
     assign(module.D, read("D", (inner,)), "D", owner)
+    if module.dt_layernorm is not None:  # Jamba's (and Hymba's) RMSNorms on dt, B, C
+        assign(module.dt_layernorm.scale, read("dt_layernorm.weight", (rank,)), "dt_layernorm.scale", owner)
+        assign(module.B_layernorm.scale, read("b_layernorm.weight", (n,)), "B_layernorm.scale", owner)
+        assign(module.C_layernorm.scale, read("c_layernorm.weight", (n,)), "C_layernorm.scale", owner)
     read("out_proj.weight", (module.dim, inner))
     _load_dense(read, module.out_proj, "out_proj", None, owner, "out_proj")
     return read.finish(strict)

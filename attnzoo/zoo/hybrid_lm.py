@@ -10,6 +10,9 @@ byte-level vocabulary; any :class:`DecoderLM` argument can be overridden. Train 
 ==========================  ========================================  ==============================
 preset                      super-block (repeated to depth)           from the paper
 ==========================  ========================================  ==============================
+``jamba_lm_*``              mamba x4, attn, mamba x3                  Jamba: 1 attention : 7 Mamba,
+                                                                      attention at offset 4, no
+                                                                      RoPE, RMSNorm on dt/B/C
 ``kimi_linear_lm_*``        kda, kda, kda, attn                       Kimi Linear: 3 KDA : 1 global
                                                                       attention (NoPE; MLA there)
 ``minimax_lm_*``            lightning x7, attn                        MiniMax-M1: 7 lightning : 1
@@ -43,6 +46,19 @@ SIZES = {"tiny": dict(dim=128, num_heads=4), "small": dict(dim=384, num_heads=6)
 # name -> (super-block pattern, repeats per size {tiny, small}, DecoderLM arguments (or a function
 # of the size's {dim, num_heads} returning them), summary)
 HYBRID_PRESETS: dict[str, tuple[str, dict[str, int], Any, str]] = {
+    "jamba_lm": (
+        "mamba,mamba,mamba,mamba,attn,mamba,mamba,mamba",
+        {"tiny": 1, "small": 2},
+        dict(
+            num_kv_heads=2,
+            mixer_options={
+                "attention": dict(use_rope=False),
+                "mamba": dict(inner_layernorms=True, state_dim=16, expand=2),
+            },
+        ),
+        "Jamba-style (Lieber et al. 2024, arXiv:2403.19887): one attention layer (GQA, no positional "
+        "encoding) per seven Mamba layers with RMSNorms on dt, B and C; dense MLPs instead of Jamba's MoE",
+    ),
     "kimi_linear_lm": (
         "kda,kda,kda,attn",
         {"tiny": 1, "small": 2},

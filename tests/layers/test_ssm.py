@@ -1,4 +1,4 @@
-"""State-space mixers (Mamba-2) against a float64 numpy token loop of the published layer, decoding
+"""State-space mixers (Mamba-2, Mamba) against a float64 numpy token loop of the published layer, decoding
 with a cache (prefill, steps, right padding), gradients, the LM, FLOPs and argument errors."""
 
 import jax
@@ -9,10 +9,10 @@ from flax import nnx
 
 from attnzoo import layers
 from attnzoo.layers import RecurrentCache
-from attnzoo.layers.ssm import Mamba2
+from attnzoo.layers.ssm import Mamba, Mamba2
 from attnzoo.pallas_kernels.testing import assert_close, float64, rel_rms
 from attnzoo.zoo import DecoderLM
-from tests.layers.numpy_layers import dense, numpy_ssd, param64, short_conv, silu
+from tests.layers.numpy_layers import dense, numpy_mamba, numpy_ssd, param64, short_conv, silu
 from tests.layers.recurrent_testing import (
     assert_gradients_reach_every_parameter,
     assert_padding_step_keeps_row,
@@ -21,7 +21,7 @@ from tests.layers.recurrent_testing import (
 )
 from tests.zoo.helpers import fast_jit, logical_axes
 
-CLASSES = {"mamba2": Mamba2}
+CLASSES = {"mamba2": Mamba2, "mamba": Mamba}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def numpy_mamba2(m, x, segment_ids=None):
     return dense(m.out_proj, y.reshape(batch, length, h, p))
 
 
-NUMPY_LAYERS = {"mamba2": numpy_mamba2}
+NUMPY_LAYERS = {"mamba2": numpy_mamba2, "mamba": numpy_mamba}
 
 
 def _randomize(module, seed=0, scale=0.3):
@@ -96,6 +96,8 @@ CONFIGS = {
         conv_size=3, use_bias=True,
     ),
     "mamba2_expand1_headdim": dict(name="mamba2", num_heads=3, expand=1, head_dim=4, state_dim=16, conv_bias=False),
+    "mamba": dict(name="mamba", state_dim=5),
+    "mamba_rank_bias_conv3": dict(name="mamba", expand=1.5, state_dim=16, dt_rank=3, use_bias=True, conv_size=3),
 }
 
 
@@ -127,7 +129,7 @@ def test_float64_forward_matches_numpy_token_loop(config):
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_float64_packed_segments_match_numpy_and_run_alone(name):
     with float64():
-        module = _build(name, 3, **_case(CONFIGS["mamba2_groups_dhdim_limit"])[1])
+        module = _build(name, 3, **_case(CONFIGS[{"mamba2": "mamba2_groups_dhdim_limit", "mamba": "mamba_rank_bias_conv3"}[name]])[1])
         x = np.random.default_rng(4).normal(size=(2, 30, module.dim))
         ids = np.zeros((2, 30), np.int32)
         ids[0, 11:] = 1
@@ -181,7 +183,7 @@ def test_prefill_then_steps_equal_full_forward(config):
         full = _apply(module, x)
         cache = module.init_cache(2, 64)
         assert isinstance(cache, RecurrentCache) and cache.state.dtype == jnp.float64
-        assert len(cache.conv) == 3
+        assert len(cache.conv) == len(module._conv_modules())
         first, rest, cache = decode_in_pieces(module, x, [1, 1], [33, 1, 1, 1])
         assert_close(jnp.concatenate([first, rest], 1), full, f"{config} decoded", dtype=jnp.float64)
 
@@ -205,6 +207,8 @@ def test_cache_state_layout():
     cache = module.init_cache(3, 10)
     assert cache.state.shape == (3, 4, 6, 8) and cache.state.dtype == jnp.float32
     assert [c.shape for c in cache.conv] == [(3, 3, 32), (3, 3, 6), (3, 3, 6)]
+    cache = _abstract("mamba", 16, 4, state_dim=6).init_cache(3, 10)
+    assert cache.state.shape == (3, 32, 6) and [c.shape for c in cache.conv] == [(3, 3, 32)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +216,12 @@ def test_cache_state_layout():
 # ---------------------------------------------------------------------------------------------
 
 
+GRAD_CONFIGS = {"mamba2": dict(num_heads=4, num_groups=2, use_bias=True), "mamba": dict(use_bias=True, dt_rank=2)}
+
+
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_gradients_reach_every_parameter(name):
-    module = _build(name, 11, param_dtype=jnp.float32, num_heads=4, num_groups=2, use_bias=True)
+    module = _build(name, 11, param_dtype=jnp.float32, **GRAD_CONFIGS[name])
     x = jnp.asarray(np.random.default_rng(12).normal(size=(2, 7, 12)), jnp.float32)
     assert_gradients_reach_every_parameter(module, x)
 
@@ -235,6 +242,9 @@ def test_parameter_logical_axes():
     assert specs["['D']"] == ("heads", "head_dim") and specs["['A_log']"] == ("heads",)
     assert specs["['x_conv1d']['weight']"] == ("conv_kernel", "heads")
     assert specs["['norm']['norm']['scale']"] == ("norm",)
+    known |= {"mlp"}
+    for path, (axes, ndim) in logical_axes(_abstract("mamba", 16, 4, use_bias=True)).items():
+        assert axes is not None and len(axes) == ndim and set(axes) <= known, (path, axes)
 
 
 def test_flops():
@@ -250,20 +260,33 @@ def test_flops():
                  for c in [64] * (length // 64) + ([length % 64] if length % 64 else []))
         assert module.flops(length) == 2 * length * kernels + op
     assert module.flops(7, kv_len=100) == module.flops(7)
+    mamba = _abstract("mamba", 16, 1, state_dim=6, dt_rank=3)
+    kernels = sum(int(np.prod(v.get_value().shape)) for p, v in nnx.iter_graph(mamba)
+                  if isinstance(v, nnx.Param) and p[-1] == "kernel")
+    assert mamba.flops(10) == 2 * 10 * kernels + 6 * 10 * 32 * 6
+
+
+def test_mamba_published_initialisation():
+    module = Mamba(32, 1, state_dim=8, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(np.exp(np.asarray(module.A_log[...])), np.tile(np.arange(1, 9), (64, 1)), rtol=1e-6)
+    np.testing.assert_array_equal(module.D[...], np.ones(64))
+    dt = np.log1p(np.exp(np.asarray(module.dt_bias[...])))
+    assert np.all((dt >= 1e-3 * 0.999) & (dt <= 1e-1 * 1.001))
+    assert module.dt_rank == 2 and np.all(np.abs(np.asarray(module.dt_proj.kernel[...])) <= 2**-0.5)
 
 
 def test_runs_in_the_decoder_lm():
     model = _randomize(nnx.eval_shape(lambda: DecoderLM(
-        vocab_size=32, dim=16, depth=2, num_heads=2, pattern="mamba2,attn", mlp_dim=32,
-        mixer_options={"mamba2": dict(chunk_size=16, state_dim=8)}, rngs=nnx.Rngs(0),
+        vocab_size=32, dim=16, depth=3, num_heads=2, pattern="mamba2,mamba,attn", mlp_dim=32,
+        mixer_options={"mamba2": dict(chunk_size=16, state_dim=8), "mamba": dict(chunk_size=16)}, rngs=nnx.Rngs(0),
     )))
     tokens = jnp.asarray(np.random.default_rng(13).integers(0, 32, size=(2, 10)), jnp.int32)
     segment_ids = jnp.asarray([[0] * 4 + [1] * 6, [0] * 10])
     logits = fast_jit(lambda m, t, s: m(t, segment_ids=s))(model, tokens, segment_ids)
     assert logits.shape == (2, 10, 32) and np.all(np.isfinite(logits))
     blocks = model.blocks.layers.blocks
-    assert isinstance(blocks[0].mixer, Mamba2)
-    assert model.forward_flops(10) == sum(b.mixer.flops(10) for b in blocks) + 2 * 3 * 2 * 10 * 16 * 32 + 2 * 10 * 16 * 32
+    assert isinstance(blocks[0].mixer, Mamba2) and isinstance(blocks[1].mixer, Mamba)
+    assert model.forward_flops(10) == sum(b.mixer.flops(10) for b in blocks) + 3 * 2 * 3 * 10 * 16 * 32 + 2 * 10 * 16 * 32
 
 
 def test_registry():
@@ -297,3 +320,17 @@ def test_rejects_bad_arguments(kwargs, error, match):
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_rejects_bad_inputs_and_caches(name):
     assert_rejects_bad_calls(_build(name, 0, param_dtype=jnp.float32))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(expand=0.01), ValueError, "dim \\* expand"),
+        (dict(dt_rank="big"), ValueError, "dt_rank must be an int >= 1"),
+        (dict(dt_scale=0.0), ValueError, "dt_scale must be a finite positive float"),
+        (dict(conv_bias="yes"), TypeError, "conv_bias must be a bool"),
+    ],
+)
+def test_mamba_rejects_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=f"Mamba: {match}"):
+        Mamba(12, 1, rngs=nnx.Rngs(0), **kwargs)

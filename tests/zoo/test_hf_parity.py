@@ -144,3 +144,35 @@ def test_zamba2_model_matches_transformers():
                     rngs=nnx.Rngs(0))
     assert convert.load_hf_zamba2(model, numpy_state(torch_model)) == []
     assert_close(model(jnp.asarray(tokens)), expected, "zamba2 logits vs transformers", dtype=jnp.float32)
+
+
+def test_mamba_mixer_matches_transformers():
+    from transformers.models.mamba.modeling_mamba import MambaConfig, MambaMixer
+
+    config = MambaConfig(hidden_size=24, state_size=6, expand=2, conv_kernel=4, time_step_rank=3, num_hidden_layers=1)
+    torch_mixer = randomize_torch(MambaMixer(config, layer_idx=0).eval(), 8)
+    x = np.random.default_rng(9).normal(size=(2, 29, 24)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch_mixer(torch.from_numpy(x)).numpy()
+    module = layers.create_mixer("mamba", dim=24, num_heads=1, state_dim=6, dt_rank=3, chunk_size=16, rngs=nnx.Rngs(0))
+    assert convert.load_hf_mamba_mixer(module, numpy_state(torch_mixer)) == []
+    assert_close(module(jnp.asarray(x)), expected, "mamba vs transformers", dtype=jnp.float32)
+    cache = module.init_cache(2, 64)
+    first, cache = module(jnp.asarray(x[:, :20]), cache=cache)
+    steps = [module(jnp.asarray(x[:, t : t + 1]), cache=cache) for t in range(20, 21)]
+    assert_close(steps[0][0][:, 0], expected[:, 20], "mamba decoded step", dtype=jnp.float32)
+
+
+def test_jamba_mamba_mixer_matches_transformers():
+    from transformers.models.jamba.modeling_jamba import JambaConfig, JambaMambaMixer
+
+    config = JambaConfig(hidden_size=24, mamba_d_state=6, mamba_expand=2, mamba_dt_rank=3, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_experts=1)
+    torch_mixer = randomize_torch(JambaMambaMixer(config, layer_idx=0).eval(), 10)
+    x = np.random.default_rng(11).normal(size=(2, 33, 24)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch_mixer(torch.from_numpy(x)).numpy()
+    module = layers.create_mixer("mamba", dim=24, num_heads=1, state_dim=6, dt_rank=3, inner_layernorms=True,
+                                 norm_eps=config.rms_norm_eps, chunk_size=16, rngs=nnx.Rngs(0))
+    assert convert.load_hf_mamba_mixer(module, numpy_state(torch_mixer)) == []
+    assert_close(module(jnp.asarray(x)), expected, "jamba mamba vs transformers", dtype=jnp.float32)

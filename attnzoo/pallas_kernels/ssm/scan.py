@@ -1,0 +1,289 @@
+"""Mamba-1's selective scan: a diagonal state per channel, decays and inputs chosen per token.
+
+Per channel ``d`` and state index ``n`` (mamba_ssm's ``selective_scan_ref``)::
+
+    delta' = softplus?(delta + delta_bias)
+    h_t[d, n] = exp(delta'_t[d] A[d, n]) h_{t-1}[d, n] + delta'_t[d] B_t[n] u_t[d]
+    y_t[d] = sum_n C_t[n] h_t[d, n] + D[d] u_t[d];    y_t *= silu(z_t[d])   (with z)
+
+Layouts (sequence-first): ``u, delta, z [B, T, D]``, ``A [D, N]``, ``B, C [B, T, N]`` or
+``[B, T, G, N]`` (channel ``d`` reads group ``d // (D / G)``), ``D, delta_bias [D]``; states
+``[N_seq, D, N]`` float32 (float64 for float64 inputs); outputs in u's dtype.
+
+* ``reference``: the token-by-token ``lax.scan``, the float64 oracle.
+* ``xla``: chunks of ``chunk_size`` tokens; a ``lax.scan`` over chunks carries the state and each
+  chunk is a ``lax.associative_scan`` of ``(decay, input)`` pairs, rematerialised in the backward
+  pass (``jax.checkpoint``), so memory is ``O(T / chunk * D * N + chunk * D * N)`` rather than
+  ``O(T * D * N)``. Products that autodiff turns into reductions are einsums (matrix products on
+  XLA:CPU).
+* ``auto``: ``xla`` (no fused kernel for this op yet).
+
+Packed sequences: ``cu_seqlens [N_seq + 1]`` (B == 1; each sequence starts from its own initial
+state) or ``segment_ids [B, T]`` (the state restarts at zero where the id changes).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnzoo.pallas_kernels import common
+from attnzoo.pallas_kernels.common import check_array, pad_axis
+
+__all__ = ["selective_scan", "selective_scan_step", "SCAN_IMPLS"]
+
+SCAN_IMPLS = ("auto", "reference", "xla")
+
+
+def _check(op, u, delta, A, B, C, D, z, delta_bias, *, time_axis: bool):
+    lead = "B,T" if time_axis else "B"
+    rank = 3 if time_axis else 2
+    check_array(op, "u", u, ndim=rank, floating=True, expected=f"[{lead},D]")
+    channels = u.shape[-1]
+    check_array(op, "delta", delta, floating=True, shape=u.shape, expected=f"[{lead},D]")
+    check_array(op, "A", A, ndim=2, floating=True, shape=(channels, None), expected="[D,N]")
+    state_dim = A.shape[1]
+    check_array(op, "B", B, ndim=(rank, rank + 1), floating=True, expected=f"[{lead},N] or [{lead},G,N]")
+    groups = 1 if B.ndim == rank else B.shape[-2]
+    want = u.shape[:-1] + ((state_dim,) if B.ndim == rank else (groups, state_dim))
+    if tuple(B.shape) != want:
+        raise ValueError(f"{op}: B must have shape {want} [{lead},(G,)N], got {tuple(B.shape)}")
+    check_array(op, "C", C, floating=True, shape=B.shape, expected=f"[{lead},(G,)N] like B")
+    if channels % groups:
+        raise ValueError(f"{op}: the number of groups G = {groups} (B, C) must divide D = {channels}")
+    if D is not None:
+        check_array(op, "D", D, floating=True, shape=(channels,), expected="[D]")
+    if z is not None:
+        check_array(op, "z", z, floating=True, shape=u.shape, expected=f"[{lead},D]")
+    if delta_bias is not None:
+        check_array(op, "delta_bias", delta_bias, floating=True, shape=(channels,), expected="[D]")
+    return channels, state_dim, groups
+
+
+def _steps(delta, delta_bias, delta_softplus, dtype):
+    delta = delta.astype(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.astype(dtype)
+    return jax.nn.softplus(delta) if delta_softplus else delta
+
+
+def _grouped(x, groups):
+    """``[..., D]`` -> ``[..., G, D/G]``."""
+    return x.reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+
+
+def _as_groups(B):
+    """``[B,T,N]`` -> ``[B,T,1,N]``; ``[B,T,G,N]`` unchanged."""
+    return B if B.ndim == 4 else B[:, :, None, :]
+
+
+def _resets_and_starts(batch, length, sequences, cu_seqlens, segment_ids):
+    """``(restart [B,T] bool: the state before the token is replaced, sequence [B,T] int32: whose
+    initial state it takes (-1: zero), end [B,T] bool: a sequence's last token)``."""
+    positions = jnp.arange(length, dtype=jnp.int32)
+    if cu_seqlens is not None:
+        offsets = cu_seqlens.astype(jnp.int32)
+        sequence = jnp.clip(jnp.searchsorted(offsets, positions, side="right") - 1, 0, sequences - 1)
+        starts = positions == offsets[sequence]
+        ends = positions == offsets[sequence + 1] - 1
+        return starts[None], jnp.where(starts, sequence, -1)[None], ends[None], sequence[None]
+    first = jnp.broadcast_to(positions == 0, (batch, length))
+    own = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, length))
+    if segment_ids is None:
+        restart = first
+    else:
+        restart = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0))) | first
+    return restart, jnp.where(first, own, -1), jnp.broadcast_to(positions == length - 1, (batch, length)), own
+
+
+def _pairs(u, steps, A, B, restart, source, init, groups):
+    """The recurrence ``h_t = a_t h_{t-1} + b_t`` with resets folded in: ``a, b [B,T,G,Dg,N]``.
+
+    At a restart the decay is zero and the (decayed) initial state of ``source`` (or zero) is added to
+    the input, so the scan can start from a zero state."""
+    dtype = steps.dtype
+    log_decay = jnp.einsum("btgc,gcn->btgcn", _grouped(steps, groups), A.reshape(groups, -1, A.shape[-1]).astype(dtype))
+    a = jnp.exp(log_decay)
+    b = jnp.einsum("btgc,btgn->btgcn", _grouped(steps * u.astype(dtype), groups), _as_groups(B).astype(dtype))
+    h0 = jnp.take(init, jnp.maximum(source, 0), axis=0).reshape(source.shape + (groups, -1, A.shape[-1]))
+    h0 = jnp.where((source >= 0)[..., None, None, None], h0, 0)
+    keep = restart[..., None, None, None]
+    b = b + jnp.where(keep, a * h0, 0)
+    a = jnp.where(keep, 0, a)
+    return a, b
+
+
+def _readout(h, C, groups):
+    return jnp.einsum("btgcn,btgn->btgc", h, _as_groups(C).astype(h.dtype)).reshape(h.shape[:2] + (-1,))
+
+
+def _reference(u, steps, A, B, C, restart, source, init, groups):
+    """Token by token; returns ``(y [B,T,D], states [B,T,G,Dg,N])``."""
+    a, b = _pairs(u, steps, A, B, restart, source, init, groups)
+
+    def step(h, inputs):
+        a_t, b_t = inputs
+        h = a_t * h + b_t
+        return h, h
+
+    h0 = jnp.zeros(a.shape[:1] + a.shape[2:], a.dtype)
+    _, states = jax.lax.scan(step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)))
+    states = jnp.moveaxis(states, 0, 1)
+    return _readout(states, C, groups), states
+
+
+def _combine(left, right):
+    a_left, b_left = left
+    a_right, b_right = right
+    return a_left * a_right, a_right * b_left + b_right
+
+
+def _chunked(u, steps, A, B, C, restart, source, init, groups, chunk, ends, sequence, sequences):
+    """Chunked scan; returns ``(y [B,T,D], finals [N_seq,G,Dg,N])`` with the state at each
+    sequence's last token (``ends``, ``sequence [B,T]``). The ``[.., D, N]`` decays and inputs are
+    built inside the rematerialised chunk body, so only ``[B, T, D]`` inputs and one state per
+    chunk are kept for the backward pass."""
+    batch, length = u.shape[:2]
+    dtype = steps.dtype
+    padded = -(-length // chunk) * chunk
+    num = padded // chunk
+    onehot = (ends[..., None] & (sequence[..., None] == jnp.arange(sequences)[None, None, :])).astype(dtype)
+    # padding tokens: step 0 (decay 1, input 0), no restart, never an end
+    per_token = [pad_axis(x, 1, chunk) for x in (u.astype(dtype), steps, _as_groups(B).astype(dtype),
+                                                  _as_groups(C).astype(dtype), onehot)]
+    restart = pad_axis(restart, 1, chunk, value=False)
+    source = pad_axis(source, 1, chunk, value=-1)
+
+    def to_chunks(x):
+        return jnp.moveaxis(x.reshape((batch, num, chunk) + x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def body(h, inputs):
+        u_c, steps_c, b_c, c_c, select, restart_c, source_c = inputs  # [B, L, ...]
+        a, b = _pairs(u_c, steps_c, A, b_c, restart_c, source_c, init, groups)
+        a_cum, b_cum = jax.lax.associative_scan(_combine, (a, b), axis=1)
+        states = a_cum * h[:, None] + b_cum
+        y = jnp.einsum("blgcn,blgn->blgc", states, c_c)
+        finals = jnp.einsum("bls,blgcn->sgcn", select, states)
+        return states[:, -1], (y, finals)
+
+    h0 = jnp.zeros((batch, groups, u.shape[-1] // groups, A.shape[-1]), dtype)
+    chunks = tuple(to_chunks(x) for x in per_token + [restart, source])
+    _, (y, finals) = jax.lax.scan(body, h0, chunks)
+    y = jnp.moveaxis(y, 0, 1).reshape((batch, padded, -1))[:, :length]
+    return y, jnp.sum(finals, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "delta_softplus", "return_last_state", "chunk_size", "sequences"))
+def _run(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, segment_ids, *, impl, delta_softplus,
+         return_last_state, chunk_size, sequences):
+    batch, length, channels = u.shape
+    state_dim = A.shape[1]
+    groups = 1 if B.ndim == 3 else B.shape[2]
+    dtype = jnp.promote_types(jnp.result_type(u, delta, A, B, C), jnp.float32)
+    steps = _steps(delta, delta_bias, delta_softplus, dtype)
+    init = (jnp.zeros((sequences, channels, state_dim), dtype) if initial_state is None
+            else initial_state.astype(dtype))
+    restart, source, ends, sequence = _resets_and_starts(batch, length, sequences, cu_seqlens, segment_ids)
+    init_g = init.reshape(sequences, groups, channels // groups, state_dim)
+    if impl == "reference":
+        y, states = _reference(u, steps, A, B, C, restart, source, init_g, groups)
+        select = (ends[..., None] & (sequence[..., None] == jnp.arange(sequences)[None, None, :])).astype(dtype)
+        finals = jnp.einsum("bts,btgcn->sgcn", select, states)
+    else:
+        chunk = min(chunk_size, 1 << max(length - 1, 0).bit_length())
+        y, finals = _chunked(u, steps, A, B, C, restart, source, init_g, groups, chunk, ends, sequence, sequences)
+    if D is not None:
+        y = y + jnp.einsum("btd,d->btd", u.astype(dtype), D.astype(dtype))
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(dtype))
+    finals = finals.reshape(sequences, channels, state_dim)
+    if cu_seqlens is not None:  # an empty sequence keeps its initial state
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        finals = jnp.where((lengths > 0)[:, None, None], finals, init)
+    return y.astype(u.dtype), (finals if return_last_state else None)
+
+
+def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_softplus: bool = False,
+                   initial_state=None, return_last_state: bool = False, cu_seqlens=None, segment_ids=None,
+                   chunk_size: int = 64, impl: str = "auto"):
+    """Mamba-1's selective scan (see the module docstring for the recurrence and layouts).
+
+    Args:
+      u, delta: ``[B, T, D]``. A: ``[D, N]`` (usually ``-exp(A_log)``). B, C: ``[B, T, N]`` or
+        ``[B, T, G, N]``. D: ``[D]`` skip or None. z: ``[B, T, D]`` gate (``y * silu(z)``) or None.
+      delta_bias: ``[D]`` or None. delta_softplus: softplus after the bias.
+      initial_state: ``[N_seq, D, N]`` (N_seq = B, or the number of packed sequences), default zeros.
+      return_last_state: also return the state after each sequence's last token.
+      cu_seqlens: ``[N_seq + 1]`` int offsets of sequences packed along T (B == 1), or None.
+      segment_ids: ``[B, T]`` ints (not with cu_seqlens): the state restarts at zero where the id
+        changes (the first token starts from initial_state); the last state is the last segment's.
+      chunk_size: tokens per chunk of the ``xla`` form (a power of two >= 1).
+      impl: "auto" | "reference" | "xla".
+
+    Returns ``(y [B, T, D] in u's dtype, last_state [N_seq, D, N] float32 or None)``.
+    """
+    op = "selective_scan"
+    channels, state_dim, _ = _check(op, u, delta, A, B, C, D, z, delta_bias, time_axis=True)
+    batch, length = u.shape[:2]
+    if not isinstance(delta_softplus, bool):
+        raise TypeError(f"{op}: delta_softplus must be a bool, got {type(delta_softplus).__name__}")
+    if not isinstance(return_last_state, bool):
+        raise TypeError(f"{op}: return_last_state must be a bool, got {type(return_last_state).__name__}")
+    if impl not in SCAN_IMPLS:
+        raise ValueError(f"{op}: impl must be one of {SCAN_IMPLS}, got {impl!r}")
+    impl = "xla" if impl == "auto" else impl
+    chunk_size = common.check_int(op, "chunk_size", chunk_size)
+    if chunk_size & (chunk_size - 1):
+        raise ValueError(f"{op}: chunk_size must be a power of two, got {chunk_size}")
+    sequences = batch
+    if cu_seqlens is not None:
+        check_array(op, "cu_seqlens", cu_seqlens, ndim=1, integer=True, expected="[N_seq+1]")
+        if segment_ids is not None:
+            raise ValueError(f"{op}: pass either segment_ids or cu_seqlens, not both")
+        if batch != 1:
+            raise ValueError(f"{op}: cu_seqlens packs sequences along T and needs B == 1, got B = {batch}")
+        sequences = cu_seqlens.shape[0] - 1
+        if sequences < 1:
+            raise ValueError(f"{op}: cu_seqlens needs at least 2 entries [0, ..., T], got {cu_seqlens.shape[0]}")
+        if not isinstance(cu_seqlens, jax.core.Tracer):
+            offsets = np.asarray(cu_seqlens)
+            if offsets[0] != 0 or offsets[-1] != length or np.any(np.diff(offsets) < 0):
+                raise ValueError(f"{op}: cu_seqlens must rise from 0 to T = {length} without decreasing, got {offsets.tolist()}")
+    if segment_ids is not None:
+        check_array(op, "segment_ids", segment_ids, integer=True, shape=(batch, length), expected="[B,T]")
+    if initial_state is not None:
+        check_array(op, "initial_state", initial_state, floating=True, shape=(sequences, channels, state_dim),
+                    expected="[N_seq,D,N]")
+    return _run(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, segment_ids, impl=impl,
+                delta_softplus=delta_softplus, return_last_state=return_last_state, chunk_size=chunk_size,
+                sequences=sequences)
+
+
+def selective_scan_step(u, delta, A, B, C, state, *, D=None, z=None, delta_bias=None, delta_softplus: bool = False):
+    """One token of :func:`selective_scan` for decoding.
+
+    Args: ``u, delta [B, D]``, ``A [D, N]``, ``B, C [B, N]`` or ``[B, G, N]``, ``state [B, D, N]``
+      (after the previous token), and the options of :func:`selective_scan`.
+
+    Returns ``(y [B, D] in u's dtype, new_state float32)``.
+    """
+    op = "selective_scan_step"
+    channels, state_dim, groups = _check(op, u, delta, A, B, C, D, z, delta_bias, time_axis=False)
+    check_array(op, "state", state, floating=True, shape=(u.shape[0], channels, state_dim), expected="[B,D,N]")
+    dtype = jnp.promote_types(jnp.result_type(u, delta, A, B, C, state), jnp.float32)
+    steps = _steps(delta, delta_bias, delta_softplus, dtype)
+    Bg = (B if B.ndim == 3 else B[:, None, :]).astype(dtype)
+    Cg = (C if C.ndim == 3 else C[:, None, :]).astype(dtype)
+    h = state.astype(dtype).reshape(u.shape[0], groups, channels // groups, state_dim)
+    decay = jnp.exp(_grouped(steps, groups)[..., None] * A.reshape(groups, -1, state_dim).astype(dtype))
+    h = decay * h + (_grouped(steps * u.astype(dtype), groups)[..., None] * Bg[:, :, None, :])
+    y = jnp.einsum("bgcn,bgn->bgc", h, Cg).reshape(u.shape)
+    if D is not None:
+        y = y + u.astype(dtype) * D.astype(dtype)
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(dtype))
+    return y.astype(u.dtype), h.reshape(state.shape)
