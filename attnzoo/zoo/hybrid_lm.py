@@ -10,6 +10,9 @@ byte-level vocabulary; any :class:`DecoderLM` argument can be overridden. Train 
 ==========================  ========================================  ==============================
 preset                      super-block (repeated to depth)           from the paper
 ==========================  ========================================  ==============================
+``hymba_lm_*``              hymba:global, hymba x2, hymba:global       Hymba: parallel attention +
+                                                                      Mamba heads, SWA inside,
+                                                                      meta tokens
 ``jamba_lm_*``              mamba x4, attn, mamba x3                  Jamba: 1 attention : 7 Mamba,
                                                                       attention at offset 4, no
                                                                       RoPE, RMSNorm on dt/B/C
@@ -26,7 +29,10 @@ preset                      super-block (repeated to depth)           from the p
 Deviations from the papers, all for lack of a block not in attnzoo yet (and named in each
 preset's docstring): the mixture-of-experts MLPs (Jamba, Kimi Linear, MiniMax) are dense SwiGLU
 MLPs; Kimi Linear's MLA layers are GQA attention without RoPE; MiniCPM-SALA's InfLLM-V2 sparse
-attention is sliding-window attention.
+attention is sliding-window attention; Hymba's sliding-window layers do not keep the meta tokens
+in view beyond the window and its layers do not share KV caches; MiniMax's per-layer scaling of the
+lightning slopes (deeper layers decay slower) is not applied under the scanned stack (every
+lightning layer has the slopes of layer 0).
 """
 
 from __future__ import annotations
@@ -58,6 +64,18 @@ HYBRID_PRESETS: dict[str, tuple[str, dict[str, int], Any, str]] = {
         ),
         "Jamba-style (Lieber et al. 2024, arXiv:2403.19887): one attention layer (GQA, no positional "
         "encoding) per seven Mamba layers with RMSNorms on dt, B and C; dense MLPs instead of Jamba's MoE",
+    ),
+    "hymba_lm": (
+        "hymba:global,hymba,hymba,hymba:global",
+        {"tiny": 1, "small": 2},
+        lambda size: dict(
+            num_kv_heads=2,
+            num_meta_tokens=size["dim"] // 8,
+            mixer_options={"hymba": dict(num_kv_heads=2, window=64, state_dim=16), "hymba:global": dict(window=None)},
+        ),
+        "Hymba-style (Dong et al. 2024, arXiv:2411.13676): every layer a hybrid head (attention and Mamba heads "
+        "in parallel on one input), global attention in the outer layers of each group of four and a sliding "
+        "window of 64 elsewhere, learned meta tokens (D/8 of them; Hymba uses 128) prepended to every sequence",
     ),
     "kimi_linear_lm": (
         "kda,kda,kda,attn",

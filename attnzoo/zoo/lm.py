@@ -13,7 +13,12 @@ The pattern is a comma-separated list of tokens, one per layer of a *super-block
 * ``attn``: the ``"attention"`` mixer, causal, RoPE (``rope_theta``), ``num_kv_heads``, ``head_dim``;
 * ``swa``: the same with a sliding window ``(sliding_window, 0)`` (token ``i`` sees ``i-w .. i``);
 * any registered mixer name (``attnzoo.layers.list_mixers()``), built with ``dim``, ``num_heads``,
-  ``dtype``, ``param_dtype`` and its ``mixer_options`` (``"attention"`` also gets the attn defaults).
+  ``dtype``, ``param_dtype`` and its ``mixer_options`` (``"attention"`` also gets the attn defaults);
+* ``name:label`` (e.g. ``hymba:global``): the mixer ``name`` with the options of ``mixer_options``
+  key ``"name:label"`` applied after those of ``name``, so positions of a super-block can differ.
+
+With ``num_meta_tokens = M`` (Hymba), ``M`` learned vectors are prepended to every sequence (as
+positions ``0 .. M-1``; the tokens follow at ``M ..``) and their outputs dropped from the logits.
 
 Each layer is pre-norm: ``x + mixer(RMSNorm(x))`` then ``x + MLP(RMSNorm(x))``; a final RMSNorm and
 the output head follow.
@@ -56,9 +61,10 @@ def parse_pattern(pattern: str) -> tuple[tuple[str, str], ...]:
     available = sorted(set(PATTERN_ALIASES) | set(list_mixers()))
     parsed = []
     for token in tokens:
-        if not token:
-            raise ValueError(f"DecoderLM: pattern {pattern!r} has an empty token; expected e.g. 'swa,swa,attn'")
-        mixer = PATTERN_ALIASES.get(token, token)
+        if not token or token.endswith(":") or token.startswith(":"):
+            raise ValueError(f"DecoderLM: pattern {pattern!r} has an empty token or label; expected e.g. 'swa,swa,attn'")
+        base = token.split(":", 1)[0]
+        mixer = PATTERN_ALIASES.get(base, base)
         if mixer not in list_mixers():
             raise ValueError(
                 f"DecoderLM: unknown token {token!r} in pattern {pattern!r}; available: {', '.join(available)}"
@@ -140,6 +146,8 @@ class DecoderLM(nnx.Module):
         ``{"attention": {"qk_norm": True}, "swa": {"rope_theta": 1e4}}``).
       tie_embeddings: use ``embedding.T`` as the output head (no ``head`` parameter).
       rope_theta: RoPE base of attention layers. norm_eps: RMSNorm epsilon.
+      num_meta_tokens: learned vectors prepended to every sequence (Hymba's meta tokens; 0 = none).
+        Not combined with packed ``segment_ids``.
       remat: per-super-block remat policy name. scan_layers: ``nnx.scan`` (True) or a loop (False)
         over the same stacked parameters.
       dtype: compute dtype (default: promotion). param_dtype: parameter dtype.
@@ -171,10 +179,12 @@ class DecoderLM(nnx.Module):
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
         logits_dtype: DType = jnp.float32,
+        num_meta_tokens: int = 0,
         *,
         rngs: nnx.Rngs,
     ):
         owner = "DecoderLM"
+        self.num_meta_tokens = check_int(owner, "num_meta_tokens", num_meta_tokens, minimum=0)
         self.vocab_size = check_int(owner, "vocab_size", vocab_size)
         self.dim = check_int(owner, "dim", dim)
         self.depth = check_int(owner, "depth", depth)
@@ -220,6 +230,12 @@ class DecoderLM(nnx.Module):
         def make_super_block(block_rngs: nnx.Rngs) -> SuperBlock:
             return SuperBlock(specs, rngs=block_rngs, **block_args)
 
+        self.meta_tokens = (
+            nnx.Param(partitioned(nnx.initializers.normal(embed_std), (None, "embed"))(
+                rngs.params(), (self.num_meta_tokens, self.dim), param_dtype))
+            if self.num_meta_tokens
+            else None
+        )
         self.blocks = LayerStack(make_super_block, self.num_repeats, remat=remat, scan_layers=scan_layers, rngs=rngs)
         self.norm = RMSNorm(self.dim, epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.head = (
@@ -234,7 +250,8 @@ class DecoderLM(nnx.Module):
         mixer_options = {} if mixer_options is None else mixer_options
         if not isinstance(mixer_options, dict):
             raise TypeError(f"{owner}: mixer_options must be a dict {{mixer or token: options}}, got {type(mixer_options).__name__}")
-        known = {token for token, _ in self.pattern} | {mixer for _, mixer in self.pattern}
+        known = ({token for token, _ in self.pattern} | {mixer for _, mixer in self.pattern}
+                 | {token.split(":", 1)[0] for token, _ in self.pattern})
         for key, options in mixer_options.items():
             if key not in known:
                 raise ValueError(
@@ -245,11 +262,14 @@ class DecoderLM(nnx.Module):
                 raise TypeError(f"{owner}: mixer_options[{key!r}] must be a dict of options, got {type(options).__name__}")
         specs = []
         for token, mixer in self.pattern:
+            base = token.split(":", 1)[0]
             options: dict[str, Any] = dict(attention_defaults) if mixer == "attention" else {}
-            if token == "swa":
+            if base == "swa":
                 options["window"] = (self.sliding_window, 0)
             options.update(mixer_options.get(mixer, {}))
-            if token != mixer:
+            if base != mixer:
+                options.update(mixer_options.get(base, {}))
+            if token != base:
                 options.update(mixer_options.get(token, {}))
             specs.append((mixer, options))
         return specs
@@ -277,7 +297,22 @@ class DecoderLM(nnx.Module):
                 raise ValueError(f"{owner}: tokens must lie in [0, {self.vocab_size}), got values in [{low}, {high}]")
         dtype = compute_dtype(self.dtype, self.param_dtype)
         x = jnp.take(self.embedding[...], tokens, axis=0, mode="fill", fill_value=jnp.nan).astype(dtype)
+        meta = self.num_meta_tokens
+        if meta:
+            if segment_ids is not None:
+                raise ValueError(f"{owner}: num_meta_tokens={meta} cannot be combined with packed segment_ids")
+            batch, length = tokens.shape
+            prefix = jnp.broadcast_to(self.meta_tokens[...].astype(dtype), (batch, meta, self.dim))
+            x = jnp.concatenate([prefix, x], axis=1)
+            if positions is None:
+                positions = jnp.arange(meta + length, dtype=jnp.int32)[None, :]
+            else:
+                positions = jnp.concatenate(
+                    [jnp.broadcast_to(jnp.arange(meta, dtype=jnp.int32), (batch, meta)),
+                     jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (batch, length)) + meta], axis=1)
         x = self.blocks(x, segment_ids=segment_ids, positions=positions)
+        if meta:
+            x = x[:, meta:]
         x = self.norm(x)
         dtype = compute_dtype(self.dtype, x, self.param_dtype)
         accumulate = jnp.promote_types(dtype, jnp.float32)
@@ -304,8 +339,9 @@ class DecoderLM(nnx.Module):
         """
         seq_len = check_int("DecoderLM.forward_flops", "seq_len", seq_len)
         per_repeat = 0
+        mixed = seq_len + self.num_meta_tokens  # the meta tokens pass through every layer
         for block in self.blocks.layers.blocks:
-            per_repeat += mixer_flops(block.mixer, seq_len, "DecoderLM") + mlp_flops(block.mlp, seq_len)
+            per_repeat += mixer_flops(block.mixer, mixed, "DecoderLM") + mlp_flops(block.mlp, mixed)
         return int(self.num_repeats * per_repeat + 2 * seq_len * self.dim * self.vocab_size)
 
 

@@ -211,11 +211,44 @@ def test_lm_mixer_options_by_name_and_token():
         _small_lm(mixer_options={"swa": 3})
 
 
+def test_lm_labelled_tokens_take_their_own_options():
+    model = _small_lm(
+        pattern="attn:a,attn,swa:b,swa",
+        depth=4,
+        mixer_options={"attention": {"rope_theta": 5.0}, "attn:a": {"qk_norm": True}, "swa": {"rope_theta": 7.0},
+                       "swa:b": {"rope_theta": 9.0}},
+    )
+    mixers = [block.mixer for block in model.blocks.layers.blocks]
+    assert [m.q_norm is not None for m in mixers] == [True, False, False, False]
+    assert [m.rope_theta for m in mixers] == [5.0, 5.0, 9.0, 7.0]
+    assert mixers[2].window == mixers[3].window == (model.sliding_window, 0) and mixers[0].window is None
+
+
+def test_lm_meta_tokens():
+    model = _small_lm(pattern="attn", depth=2, seed=7, num_meta_tokens=3)
+    assert model.meta_tokens[...].shape == (3, model.dim)
+    tokens = _tokens(8, 2, 9, 64)
+    forward = fast_jit(lambda m, t: m(t))
+    base = forward(model, tokens)
+    assert base.shape == (2, 9, 64)
+    # still causal over the real tokens, and the meta tokens are seen by every position
+    changed = forward(model, tokens.at[0, 5].set((tokens[0, 5] + 1) % 64))
+    np.testing.assert_array_equal(changed[:, :5], base[:, :5])
+    grads = nnx.grad(lambda m: jnp.mean(m(tokens)[:, 0] ** 2))(model)
+    assert np.all(np.asarray(grads.meta_tokens[...]) != 0)
+    explicit = fast_jit(lambda m, t, p: m(t, positions=p))(model, tokens, jnp.arange(9)[None].repeat(2, 0))
+    np.testing.assert_allclose(explicit, base, rtol=1e-6, atol=1e-6)
+    assert model.forward_flops(9) == _small_lm(pattern="attn", depth=2).forward_flops(12) - 2 * 3 * model.dim * 64
+    with pytest.raises(ValueError, match="num_meta_tokens=3 cannot be combined with packed segment_ids"):
+        model(tokens, segment_ids=jnp.zeros((2, 9), jnp.int32))
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(pattern="swa,mamba"), ValueError,
-         r"unknown token 'mamba' in pattern 'swa,mamba'; available: attention, attn, .*swa"),
+        (dict(pattern="swa,mambo"), ValueError,
+         r"unknown token 'mambo' in pattern 'swa,mambo'; available: attention, attn, .*swa"),
+        (dict(pattern="swa,attn:"), ValueError, "has an empty token or label"),
         (dict(pattern="swa,,attn", depth=3), ValueError, "pattern 'swa,,attn' has an empty token"),
         (dict(pattern="swa,swa,attn", depth=4), ValueError,
          r"depth \(4\) must be a multiple of the pattern length \(3 for pattern 'swa,swa,attn'\)"),
