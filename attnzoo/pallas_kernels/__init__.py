@@ -34,7 +34,7 @@ from attnzoo.pallas_kernels.linear_rnn import (
     simple_gla,
     simple_gla_step,
 )
-from attnzoo.pallas_kernels.ssm import selective_scan, selective_scan_step, ssd, ssd_step
+from attnzoo.pallas_kernels.ssm import ScanBlockSizes, selective_scan, selective_scan_step, ssd, ssd_step
 
 __all__ = [
     "attention",
@@ -71,4 +71,5 @@ __all__ = [
     "ssd_step",
     "selective_scan",
     "selective_scan_step",
+    "ScanBlockSizes",
 ]

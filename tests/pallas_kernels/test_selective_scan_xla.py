@@ -190,7 +190,7 @@ def test_errors_name_the_argument():
          ValueError, "G = 3"),
         (lambda: pk.selective_scan(u, dl, A, B, C, D=np.ones(3, np.float32)), ValueError, "D must have shape"),
         (lambda: pk.selective_scan(u, dl, A, B, C, delta_softplus=1), TypeError, "delta_softplus must be a bool"),
-        (lambda: pk.selective_scan(u, dl, A, B, C, impl="pallas"), ValueError, "impl must be one of"),
+        (lambda: pk.selective_scan(u, dl, A, B, C, impl="triton"), ValueError, "impl must be one of"),
         (lambda: pk.selective_scan(u, dl, A, B, C, chunk_size=24), ValueError, "chunk_size must be a power of two"),
         (lambda: pk.selective_scan(np.zeros((2, 8, 4), np.float32), np.zeros((2, 8, 4), np.float32), A,
                                    np.zeros((2, 8, 3), np.float32), np.zeros((2, 8, 3), np.float32),

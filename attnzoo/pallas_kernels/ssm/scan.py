@@ -16,7 +16,11 @@ Layouts (sequence-first): ``u, delta, z [B, T, D]``, ``A [D, N]``, ``B, C [B, T,
   pass (``jax.checkpoint``), so memory is ``O(T / chunk * D * N + chunk * D * N)`` rather than
   ``O(T * D * N)``. Products that autodiff turns into reductions are einsums (matrix products on
   XLA:CPU).
-* ``auto``: ``xla`` (no fused kernel for this op yet).
+* ``pallas``: fused Pallas kernels, forward and backward (:mod:`.scan_pallas`; Mosaic on TPU,
+  Triton on GPU, the interpreter on CPU): the channels tiled by ``block_sizes``
+  (:class:`.scan_pallas.ScanBlockSizes`), the time axis walked in chunks of ``chunk_size`` tokens
+  with the state carried on chip; ``interpret`` as in :mod:`attnzoo.pallas_kernels.common`.
+* ``auto``: ``pallas`` on TPU and GPU, ``xla`` on CPU.
 
 Packed sequences: ``cu_seqlens [N_seq + 1]`` (B == 1; each sequence starts from its own initial
 state) or ``segment_ids [B, T]`` (the state restarts at zero where the id changes).
@@ -32,10 +36,12 @@ import numpy as np
 
 from attnzoo.pallas_kernels import common
 from attnzoo.pallas_kernels.common import check_array, pad_axis
+from attnzoo.pallas_kernels.ssm import scan_pallas as _pallas
+from attnzoo.pallas_kernels.ssm.scan_pallas import ScanBlockSizes
 
-__all__ = ["selective_scan", "selective_scan_step", "SCAN_IMPLS"]
+__all__ = ["selective_scan", "selective_scan_step", "SCAN_IMPLS", "ScanBlockSizes"]
 
-SCAN_IMPLS = ("auto", "reference", "xla")
+SCAN_IMPLS = ("auto", "reference", "xla", "pallas")
 
 
 def _check(op, u, delta, A, B, C, D, z, delta_bias, *, time_axis: bool):
@@ -177,9 +183,10 @@ def _chunked(u, steps, A, B, C, restart, source, init, groups, chunk, ends, sequ
     return y, jnp.sum(finals, axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "delta_softplus", "return_last_state", "chunk_size", "sequences"))
+@functools.partial(jax.jit, static_argnames=("impl", "delta_softplus", "return_last_state", "chunk_size", "sequences",
+                                             "block_sizes", "interpret"))
 def _run(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, segment_ids, *, impl, delta_softplus,
-         return_last_state, chunk_size, sequences):
+         return_last_state, chunk_size, sequences, block_sizes=None, interpret=None):
     batch, length, channels = u.shape
     state_dim = A.shape[1]
     groups = 1 if B.ndim == 3 else B.shape[2]
@@ -193,6 +200,10 @@ def _run(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, segment
         y, states = _reference(u, steps, A, B, C, restart, source, init_g, groups)
         select = (ends[..., None] & (sequence[..., None] == jnp.arange(sequences)[None, None, :])).astype(dtype)
         finals = jnp.einsum("bts,btgcn->sgcn", select, states)
+    elif impl == "pallas":
+        y, finals = _pallas.scan_pallas(u, steps, A, _as_groups(B), _as_groups(C), init, cu_seqlens=cu_seqlens,
+                                        segment_ids=segment_ids, chunk_size=chunk_size, block_sizes=block_sizes,
+                                        interpret=interpret)
     else:
         chunk = min(chunk_size, 1 << max(length - 1, 0).bit_length())
         y, finals = _chunked(u, steps, A, B, C, restart, source, init_g, groups, chunk, ends, sequence, sequences)
@@ -209,7 +220,7 @@ def _run(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, segment
 
 def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_softplus: bool = False,
                    initial_state=None, return_last_state: bool = False, cu_seqlens=None, segment_ids=None,
-                   chunk_size: int = 64, impl: str = "auto"):
+                   chunk_size: int = 64, impl: str = "auto", block_sizes=None, interpret=None):
     """Mamba-1's selective scan (see the module docstring for the recurrence and layouts).
 
     Args:
@@ -221,8 +232,11 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
       cu_seqlens: ``[N_seq + 1]`` int offsets of sequences packed along T (B == 1), or None.
       segment_ids: ``[B, T]`` ints (not with cu_seqlens): the state restarts at zero where the id
         changes (the first token starts from initial_state); the last state is the last segment's.
-      chunk_size: tokens per chunk of the ``xla`` form (a power of two >= 1).
-      impl: "auto" | "reference" | "xla".
+      chunk_size: tokens per chunk of the ``xla`` and ``pallas`` forms (a power of two >= 1; pallas
+        uses at least 8).
+      impl: "auto" (pallas on TPU/GPU, xla on CPU) | "reference" | "xla" | "pallas".
+      block_sizes: :class:`ScanBlockSizes` of the pallas kernels (default tiling), or None.
+      interpret: Pallas interpret mode, see :mod:`attnzoo.pallas_kernels.common`.
 
     Returns ``(y [B, T, D] in u's dtype, last_state [N_seq, D, N] float32 or None)``.
     """
@@ -235,7 +249,12 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
         raise TypeError(f"{op}: return_last_state must be a bool, got {type(return_last_state).__name__}")
     if impl not in SCAN_IMPLS:
         raise ValueError(f"{op}: impl must be one of {SCAN_IMPLS}, got {impl!r}")
-    impl = "xla" if impl == "auto" else impl
+    impl = common.resolve_impl(impl, op)
+    interpret = common.check_interpret(interpret, op)
+    if block_sizes is not None and not isinstance(block_sizes, ScanBlockSizes):
+        raise TypeError(f"{op}: block_sizes must be a ScanBlockSizes, got {type(block_sizes).__name__}")
+    if block_sizes is not None and impl != "pallas":
+        raise ValueError(f"{op}: block_sizes tiles the pallas kernels; impl {impl!r} takes only chunk_size")
     chunk_size = common.check_int(op, "chunk_size", chunk_size)
     if chunk_size & (chunk_size - 1):
         raise ValueError(f"{op}: chunk_size must be a power of two, got {chunk_size}")
@@ -260,7 +279,7 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
                     expected="[N_seq,D,N]")
     return _run(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, segment_ids, impl=impl,
                 delta_softplus=delta_softplus, return_last_state=return_last_state, chunk_size=chunk_size,
-                sequences=sequences)
+                sequences=sequences, block_sizes=block_sizes, interpret=interpret)
 
 
 def selective_scan_step(u, delta, A, B, C, state, *, D=None, z=None, delta_bias=None, delta_softplus: bool = False):
