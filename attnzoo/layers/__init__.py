@@ -50,3 +50,4 @@ from attnzoo.layers import linear as _linear  # noqa: E402,F401  (registers the 
 from attnzoo.layers import delta as _delta  # noqa: E402,F401  (registers the mixers)
 from attnzoo.layers import ssm as _ssm  # noqa: E402,F401  (registers the mixers)
 from attnzoo.layers import hybrid as _hybrid  # noqa: E402,F401  (registers the mixers)
+from attnzoo.layers import mega as _mega  # noqa: E402,F401  (registers the mixers)
