@@ -4,6 +4,7 @@
 >>> result = train_and_evaluate(config, workdir)      # resumes from workdir's newest checkpoint
 >>> model = restore_model(config, workdir)            # an nnx model with the checkpoint's parameters
 >>> evaluate_model(config, model)                     # {"loss": ..., "accuracy": ...}
+>>> config = load_config(workdir)                     # the config the run in workdir started with
 """
 
 from attnzoo.train.train import (
@@ -11,8 +12,9 @@ from attnzoo.train.train import (
     NonFiniteLossError,
     RunResult,
     evaluate_model,
+    load_config,
     restore_model,
     train_and_evaluate,
 )
 
-__all__ = ["ConfigError", "NonFiniteLossError", "RunResult", "evaluate_model", "restore_model", "train_and_evaluate"]
+__all__ = ["ConfigError", "NonFiniteLossError", "RunResult", "evaluate_model", "load_config", "restore_model", "train_and_evaluate"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -98,6 +99,46 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     data = config.data
     for split in (data.train_split, data.eval_split):
         input_pipeline.check_dataset_available(data.name, split, data_dir=data.get("data_dir"))
+
+
+CONFIG_FILE = "config.json"
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes ``workdir/config.json`` atomically (a temporary file renamed over it); returns its path.
+
+    Tools that act on a finished run (``python -m attnzoo.sample --workdir DIR``) read it back with
+    :func:`load_config`. Only process 0 writes.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    if jax.process_index() == 0:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+            f.write("\n")
+        os.replace(tmp, path)
+    return path
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples configs use (windows, limits, sharding rules)."""
+    if isinstance(value, list):
+        return tuple(_tuples(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _tuples(item) for key, item in value.items()}
+    return value
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in ``workdir`` was started with (from ``config.json``, see :func:`save_config`).
+
+    Raises FileNotFoundError naming the file when the workdir has none (e.g. no run started there).
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"load_config: {path} does not exist; is {workdir!r} the --workdir of a training run?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(_tuples(json.load(f)))
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -297,6 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         check_config(config, mesh)
     except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as error:
         raise ConfigError(str(error)) from error
+    save_config(config, workdir)  # only a config that passed the checks replaces the workdir's
     log.info("mesh %s on %d %s devices", dict(mesh.shape), jax.device_count(), jax.devices()[0].platform)
 
     # --------------------------------------------------------------------------------------------

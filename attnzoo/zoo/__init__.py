@@ -5,6 +5,7 @@
 ['vit_base_patch16_224', 'vit_small_patch16_224', 'vit_tiny_patch16_224']
 >>> m = zoo.create_model("vit_tiny_patch16_224", num_classes=10, rngs=nnx.Rngs(0))
 >>> lm = zoo.create_model("lm_tiny", pattern="swa,swa,swa,attn", depth=8, rngs=nnx.Rngs(0))
+>>> new_tokens = zoo.generate(lm, prompts, max_new_tokens=32, temperature=0.8, top_k=40, rng=key)
 """
 
 from attnzoo.zoo.common import LayerStack, remat_policy
@@ -15,6 +16,8 @@ from attnzoo.zoo.lm import DecoderLM  # noqa: E402
 from attnzoo.zoo.vit import VisionTransformer  # noqa: E402
 from attnzoo.zoo import hybrid_lm as _hybrid_lm  # noqa: E402,F401  (hybrid LM presets)
 from attnzoo.zoo.zamba import ZambaLM  # noqa: E402
+from attnzoo.zoo.lm import LMCache  # noqa: E402
+from attnzoo.zoo.generation import generate, prefill, sample_logits  # noqa: E402
 
 __all__ = [
     "list_models",
@@ -24,6 +27,10 @@ __all__ = [
     "VisionTransformer",
     "DecoderLM",
     "ZambaLM",
+    "LMCache",
+    "generate",
+    "prefill",
+    "sample_logits",
     "LayerStack",
     "remat_policy",
 ]

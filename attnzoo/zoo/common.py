@@ -9,6 +9,8 @@ parameter structure, so one set of parameters can be applied both ways.
 >>> stack = LayerStack(lambda rngs: Block(64, rngs=rngs), 12, rngs=nnx.Rngs(0), remat="dots")
 >>> y = stack(x, segment_ids=ids)             # calls block(x, segment_ids=ids) 12 times
 >>> y, per_layer = stack(x, return_all=True)  # per_layer [12, *y.shape]
+>>> cache = stack.init_cache(lambda layer: layer.init_cache(batch, max_len))   # leaves [12, ...]
+>>> y, cache = stack(x, cache=cache)           # calls y, c_i = block(x, cache=c_i) 12 times
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ def remat_policy(name: str) -> tuple[bool, Callable[..., bool] | None]:
 
 def _call_layer(layer: nnx.Module, x: jax.Array, kwargs: dict[str, Any]) -> jax.Array:
     return layer(x, **kwargs)
+
+
+def _call_cached_layer(layer: nnx.Module, x: jax.Array, cache: Any, kwargs: dict[str, Any]):
+    return layer(x, cache=cache, **kwargs)
 
 
 class LayerStack(nnx.Module):
@@ -116,16 +122,30 @@ class LayerStack(nnx.Module):
         # Inside scan, CSE cannot merge the recomputation with the forward pass (JAX docs).
         return nnx.remat(_call_layer, policy=self.policy, prevent_cse=not scan)
 
-    def __call__(self, x: jax.Array, *, return_all: bool = False, **kwargs: Any):
+    def init_cache(self, make_cache: Callable[[nnx.Module], Any]) -> Any:
+        """A decoding cache for every layer: ``make_cache(layer)`` (a pytree of arrays) for one
+        layer, with each leaf repeated to ``[N, *leaf.shape]``. The layers are identical in
+        structure, so layer 0 stands for all of them; the cache must not depend on parameter values."""
+        one = make_cache(self.layer(0))
+        return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf[None], (self.num_layers,) + leaf.shape), one)
+
+    def __call__(self, x: jax.Array, *, return_all: bool = False, cache: Any = None, **kwargs: Any):
         """Applies the layers in order: ``x -> layer_{N-1}(... layer_0(x, **kwargs) ..., **kwargs)``.
 
         Args:
           x: the carried activation (any shape the layers accept), e.g. ``[B, T, D]``.
-          return_all: also return every layer's output stacked, ``[N, *x.shape]``.
+          return_all: also return every layer's output stacked, ``[N, *x.shape]`` (not with a cache).
+          cache: a pytree whose leaves have a leading ``[N]`` axis (from :meth:`init_cache`), or
+            None. Layer ``i`` is called as ``y, c_i = layer(x, cache=c_i, **kwargs)``.
           **kwargs: passed unchanged to every layer (e.g. ``segment_ids``, ``positions``).
 
-        Returns ``y`` (shape and dtype of x), or ``(y, outputs [N, *x.shape])`` with ``return_all``.
+        Returns ``y`` (shape and dtype of x), or ``(y, outputs [N, *x.shape])`` with ``return_all``,
+        or ``(y, new_cache)`` with a cache.
         """
+        if cache is not None:
+            if return_all:
+                raise ValueError("LayerStack: return_all cannot be combined with a cache")
+            return self._call_cached(x, cache, kwargs)
         if self.scan_layers:
             body = self._body(scan=True)
 
@@ -144,6 +164,29 @@ class LayerStack(nnx.Module):
             x = body(self.layer(index), x, kwargs)
             outputs.append(x)
         return (x, jnp.stack(outputs)) if return_all else x
+
+    def _call_cached(self, x: jax.Array, cache: Any, kwargs: dict[str, Any]):
+        """Inference with a per-layer cache (no remat: nothing is differentiated here)."""
+        for leaf in jax.tree.leaves(cache):
+            if not leaf.ndim or leaf.shape[0] != self.num_layers:
+                raise ValueError(
+                    f"LayerStack: every cache leaf must have a leading axis of {self.num_layers} layers, got "
+                    f"shape {tuple(leaf.shape)}; build the cache with init_cache"
+                )
+        if self.scan_layers:
+            def step(layer, carry, layer_cache):
+                return _call_cached_layer(layer, carry, layer_cache, kwargs)
+
+            scanned = nnx.scan(
+                step, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0), transform_metadata=_STACK_METADATA
+            )
+            return scanned(self.layers, x, cache)
+        new_caches = []
+        for index in range(self.num_layers):
+            layer_cache = jax.tree.map(lambda leaf: leaf[index], cache)
+            x, layer_cache = _call_cached_layer(self.layer(index), x, layer_cache, kwargs)
+            new_caches.append(layer_cache)
+        return x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *new_caches)
 
 
 def mixer_flops(mixer: nnx.Module, seq_len: int, owner: str) -> int:

@@ -5,6 +5,9 @@
 >>> lm = zoo.create_model("lm_tiny", pattern="swa,swa,swa,attn", depth=8, vocab_size=512, rngs=nnx.Rngs(0))
 >>> logits = lm(tokens)                                                      # [B,T] int -> [B,T,V] float32
 >>> logits = lm(tokens, segment_ids=ids, positions=pos)                      # packed documents
+>>> cache = lm.init_cache(batch=B, max_len=1024)                            # decoding (zoo.generate)
+>>> logits, cache = lm(prompts, cache=cache, valid_lengths=lens)            # prefill right-padded rows
+>>> logits, cache = lm(next_tokens[:, None], cache=cache)                   # one step
 
 The pattern is a comma-separated list of tokens, one per layer of a *super-block*; the model is
 ``depth / len(pattern)`` repetitions of the super-block, stacked and applied with ``nnx.scan``
@@ -31,6 +34,7 @@ pattern position ``j``, stacked ``[depth / len(pattern), ...]`` (layers, ...); `
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -43,10 +47,54 @@ from attnzoo.pallas_kernels.common import check_float, check_int
 from attnzoo.zoo.common import LayerStack, build_from_preset, mixer_flops, mlp_flops
 from attnzoo.zoo.registry import register_model
 
-__all__ = ["DecoderLM", "DecoderBlock", "SuperBlock", "PATTERN_ALIASES", "parse_pattern"]
+__all__ = ["DecoderLM", "DecoderBlock", "SuperBlock", "LMCache", "PATTERN_ALIASES", "parse_pattern"]
 
 # pattern token -> registered mixer name
 PATTERN_ALIASES = {"attn": "attention", "swa": "attention"}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LMCache:
+    """Decoding cache of a language model.
+
+    Attributes:
+      layers: the layers' caches, a pytree whose leaves have a leading ``[num_repeats]`` axis
+        (for :class:`DecoderLM`, a tuple with one mixer cache per pattern position: a
+        ``KVCache`` for attention, a ``RecurrentCache`` for recurrent mixers, ...).
+      lengths: ``[B]`` int32, tokens seen per row (not counting meta tokens).
+      max_len: tokens each row can hold (static; a row that would exceed it is an error).
+    """
+
+    layers: Any
+    lengths: jax.Array
+    max_len: int = dataclasses.field(metadata=dict(static=True), default=0)
+
+
+def check_lm_cache(owner: str, cache: Any, tokens: jax.Array) -> None:
+    """Raises ``TypeError`` / ``ValueError`` unless ``cache`` is an :class:`LMCache` with room for
+    ``tokens [B, T]`` (the row lengths are checked when they are concrete; under ``jit`` a row
+    that overflows gets NaN logits from its attention layers)."""
+    if not isinstance(cache, LMCache):
+        raise TypeError(f"{owner}: cache must be an LMCache from init_cache, got {type(cache).__name__}")
+    batch, length = tokens.shape
+    if tuple(cache.lengths.shape) != (batch,):
+        raise ValueError(
+            f"{owner}: cache holds {tuple(cache.lengths.shape)} rows (lengths), but tokens have {batch} rows"
+        )
+    held = None if isinstance(cache.lengths, jax.core.Tracer) else int(jnp.max(cache.lengths))
+    if length > cache.max_len or (held is not None and held + length > cache.max_len):
+        raise ValueError(
+            f"{owner}: cache overflow: rows hold up to {held if held is not None else '?'} tokens, writing "
+            f"{length} more exceeds the cache's max_len={cache.max_len}"
+        )
+
+
+def advance_lengths(lengths: jax.Array, length: int, valid_lengths: jax.Array | None) -> jax.Array:
+    """``lengths + T``, or ``+ valid_lengths`` (clipped to ``[0, T]``) for right-padded rows."""
+    if valid_lengths is None:
+        return lengths + length
+    return lengths + jnp.clip(jnp.asarray(valid_lengths, jnp.int32), 0, length)
 
 
 def parse_pattern(pattern: str) -> tuple[tuple[str, str], ...]:
@@ -101,10 +149,14 @@ class DecoderBlock(nnx.Module):
         self.mlp_norm = RMSNorm(dim, **norm)
         self.mlp = MLP(dim, mlp_dim, kind=mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, segment_ids=None, positions=None) -> jax.Array:
-        """x ``[B, T, D]`` -> ``[B, T, D]``."""
-        x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions).astype(x.dtype)
-        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+    def __call__(self, x: jax.Array, *, segment_ids=None, positions=None, cache=None, valid_lengths=None):
+        """x ``[B, T, D]`` -> ``[B, T, D]``; with the mixer's ``cache``, ``(y, new_cache)``."""
+        if cache is None:
+            x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions).astype(x.dtype)
+            return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+        mixed, cache = self.mixer(self.mixer_norm(x), positions=positions, cache=cache, valid_lengths=valid_lengths)
+        x = x + mixed.astype(x.dtype)
+        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), cache
 
 
 class SuperBlock(nnx.Module):
@@ -115,11 +167,30 @@ class SuperBlock(nnx.Module):
             [DecoderBlock(mixer=mixer, mixer_options=options, rngs=rngs, **block_args) for mixer, options in specs]
         )
 
-    def __call__(self, x: jax.Array, *, segment_ids=None, positions=None) -> jax.Array:
-        """x ``[B, T, D]`` -> ``[B, T, D]``."""
-        for block in self.blocks:
-            x = block(x, segment_ids=segment_ids, positions=positions)
-        return x
+    def __call__(self, x: jax.Array, *, segment_ids=None, positions=None, cache=None, valid_lengths=None):
+        """x ``[B, T, D]`` -> ``[B, T, D]``; with ``cache`` (a tuple, one mixer cache per block),
+        ``(y, new_cache)``."""
+        if cache is None:
+            for block in self.blocks:
+                x = block(x, segment_ids=segment_ids, positions=positions)
+            return x
+        new_cache = []
+        for block, block_cache in zip(self.blocks, cache, strict=True):
+            x, block_cache = block(x, positions=positions, cache=block_cache, valid_lengths=valid_lengths)
+            new_cache.append(block_cache)
+        return x, tuple(new_cache)
+
+
+def check_tokens(owner: str, tokens: Any, vocab_size: int) -> None:
+    """Raises unless ``tokens`` is an int array ``[B, T]`` (values in ``[0, vocab_size)`` when concrete)."""
+    if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
+        raise TypeError(f"{owner}: tokens must be an int array [B,T], got {type(tokens).__name__}")
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"{owner}: tokens must be an int array of shape [B,T], got {tokens.dtype}{tuple(tokens.shape)}")
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{owner}: tokens must lie in [0, {vocab_size}), got values in [{low}, {high}]")
 
 
 def default_mlp_dim(dim: int, mlp: str) -> int:
@@ -274,30 +345,72 @@ class DecoderLM(nnx.Module):
             specs.append((mixer, options))
         return specs
 
-    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
+    def init_cache(self, batch: int, max_len: int, dtype: DType | None = None) -> LMCache:
+        """An empty decoding cache for ``batch`` rows of up to ``max_len`` tokens each.
+
+        ``dtype``: the caches' dtype (default: the compute dtype, else ``param_dtype``); recurrent
+        states are float32. With ``num_meta_tokens = M`` the attention caches hold ``max_len + M``
+        slots and the meta tokens are already in the cache (one forward pass over them), so the
+        first call with this cache starts at token position ``M`` as the full forward does.
+        """
+        owner = "DecoderLM.init_cache"
+        batch = check_int(owner, "batch", batch)
+        max_len = check_int(owner, "max_len", max_len)
+        slots = max_len + self.num_meta_tokens
+
+        def make(super_block: SuperBlock):
+            return tuple(block.mixer.init_cache(batch, slots, dtype) for block in super_block.blocks)
+
+        layers = self.blocks.init_cache(make)
+        if self.num_meta_tokens:
+            dtype = compute_dtype(self.dtype, self.param_dtype)
+            prefix = jnp.broadcast_to(self.meta_tokens[...].astype(dtype), (batch, self.num_meta_tokens, self.dim))
+            _, layers = self.blocks(prefix, cache=layers, positions=None, valid_lengths=None)
+        return LMCache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32), max_len=max_len)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: LMCache | None = None,
+        valid_lengths: jax.Array | None = None,
+    ):
         """Next-token logits.
 
         Args:
           tokens: ``[B, T]`` ints in ``[0, vocab_size)`` (out of range raises when concrete, gives
             NaN logits under ``jit``).
           segment_ids: ``[B, T]`` ints: packed documents; tokens attend only within their segment.
+            Not combined with a cache.
           positions: ``[B, T]`` ints, RoPE positions (packed documents restart them at 0);
-            default ``arange(T)``.
+            default ``arange(T)``; with a cache, each row continues from its cache length.
+          cache: an :class:`LMCache` from :meth:`init_cache`: ``T > 1`` is a prefill (chunk),
+            ``T == 1`` one decoding step, each row continuing after its own ``cache.lengths``.
+          valid_lengths: with a cache, ``[B]`` ints, real tokens per row of right-padded ``tokens``
+            (default ``T``); logits at padding positions are unspecified and padding never
+            reaches the cache.
 
-        Returns logits ``[B, T, vocab_size]`` in ``logits_dtype``.
+        Returns logits ``[B, T, vocab_size]`` in ``logits_dtype``; with a cache ``(logits, new_cache)``.
         """
         owner = "DecoderLM"
-        if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
-            raise TypeError(f"{owner}: tokens must be an int array [B,T], got {type(tokens).__name__}")
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"{owner}: tokens must be an int array of shape [B,T], got {tokens.dtype}{tuple(tokens.shape)}")
-        if not isinstance(tokens, jax.core.Tracer):
-            low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(f"{owner}: tokens must lie in [0, {self.vocab_size}), got values in [{low}, {high}]")
+        check_tokens(owner, tokens, self.vocab_size)
         dtype = compute_dtype(self.dtype, self.param_dtype)
         x = jnp.take(self.embedding[...], tokens, axis=0, mode="fill", fill_value=jnp.nan).astype(dtype)
         meta = self.num_meta_tokens
+        if cache is not None:
+            check_lm_cache(owner, cache, tokens)
+            if segment_ids is not None:
+                raise ValueError(f"{owner}: segment_ids cannot be combined with a cache; decode one sequence per row")
+            if positions is not None:
+                raise ValueError(f"{owner}: positions cannot be combined with a cache (they follow cache.lengths)")
+            x, layers = self.blocks(x, cache=cache.layers, positions=None, valid_lengths=valid_lengths)
+            lengths = advance_lengths(cache.lengths, tokens.shape[1], valid_lengths)
+            new_cache = LMCache(layers=layers, lengths=lengths, max_len=cache.max_len)
+            return self._logits(x), new_cache
+        if valid_lengths is not None:
+            raise ValueError(f"{owner}: valid_lengths needs a cache (use segment_ids for packing)")
         if meta:
             if segment_ids is not None:
                 raise ValueError(f"{owner}: num_meta_tokens={meta} cannot be combined with packed segment_ids")
@@ -313,6 +426,10 @@ class DecoderLM(nnx.Module):
         x = self.blocks(x, segment_ids=segment_ids, positions=positions)
         if meta:
             x = x[:, meta:]
+        return self._logits(x)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and output head: ``[B, T, D]`` -> ``[B, T, V]`` in ``logits_dtype``."""
         x = self.norm(x)
         dtype = compute_dtype(self.dtype, x, self.param_dtype)
         accumulate = jnp.promote_types(dtype, jnp.float32)

@@ -2,6 +2,8 @@
 
 >>> lm = zoo.create_model("zamba_lm_tiny", rngs=nnx.Rngs(0))
 >>> logits = lm(tokens)                                   # [B, T] int -> [B, T, V] float32
+>>> cache = lm.init_cache(batch=B, max_len=1024)          # decoding, as DecoderLM (zoo.generate)
+>>> logits, cache = lm(prompts, cache=cache, valid_lengths=lens)
 
 Glorioso et al. 2024, "Zamba: A Compact 7B SSM Hybrid Model" (arXiv:2405.16712) and Zamba2
 (arXiv:2411.15242), as Hugging Face transformers' ``Zamba2ForCausalLM`` (parity tested,
@@ -40,6 +42,7 @@ from attnzoo.layers import Attention, Dense, RMSNorm, create_mixer
 from attnzoo.layers.common import DType, compute_dtype, partitioned
 from attnzoo.pallas_kernels.common import check_float, check_int
 from attnzoo.zoo.common import LayerStack, build_from_preset, mixer_flops
+from attnzoo.zoo.lm import LMCache, advance_lengths, check_lm_cache, check_tokens
 from attnzoo.zoo.registry import register_model
 
 __all__ = ["ZambaLM", "ZambaSharedBlock"]
@@ -90,9 +93,19 @@ class ZambaSharedBlock(nnx.Module):
         self.down_proj = Dense(mlp_dim, dim, logical_axes=("mlp", "embed"), **dense)
         self.num_heads = num_heads
 
-    def __call__(self, x, embeddings, adapters: ZambaAdapters, *, segment_ids=None, positions=None):
+    def __call__(self, x, embeddings, adapters: ZambaAdapters, *, segment_ids=None, positions=None, cache=None,
+                 valid_lengths=None):
+        """``x, embeddings [B,T,D]`` -> ``[B,T,D]``; with this use's attention ``cache`` (a
+        ``KVCache``), ``(out, new_cache)``."""
         h = self.input_norm(jnp.concatenate([x, embeddings.astype(x.dtype)], axis=-1))
-        a = self.attention(h, segment_ids=segment_ids, positions=positions, qkv_deltas=adapters.qkv(h))
+        if cache is None:
+            a = self.attention(h, segment_ids=segment_ids, positions=positions, qkv_deltas=adapters.qkv(h))
+        else:
+            a, cache = self.attention(h, cache=cache, valid_lengths=valid_lengths, qkv_deltas=adapters.qkv(h))
+        out = self._feed_forward(a, adapters)
+        return out if cache is None else (out, cache)
+
+    def _feed_forward(self, a, adapters: ZambaAdapters):
         a = self.o_proj(a.reshape(a.shape[:2] + (self.num_heads, self.head_dim)))
         n = self.mlp_norm(a)
         gate_up = self.gate_up_proj(n) + adapters.gate_up_up(adapters.gate_up_down(n))
@@ -108,9 +121,13 @@ class ZambaLayer(nnx.Module):
         self.mixer = create_mixer(mixer, dim=dim, num_heads=num_heads, dtype=dtype, param_dtype=param_dtype,
                                   rngs=rngs, **mixer_options)
 
-    def __call__(self, x, t=None, *, segment_ids=None):
+    def __call__(self, x, t=None, *, segment_ids=None, cache=None, valid_lengths=None):
+        """``x [B,T,D]`` -> ``[B,T,D]``; with the mixer's ``cache``, ``(y, new_cache)``."""
         inner = x if t is None else x + t.astype(x.dtype)
-        return x + self.mixer(self.norm(inner), segment_ids=segment_ids).astype(x.dtype)
+        if cache is None:
+            return x + self.mixer(self.norm(inner), segment_ids=segment_ids).astype(x.dtype)
+        mixed, cache = self.mixer(self.norm(inner), cache=cache, valid_lengths=valid_lengths)
+        return x + mixed.astype(x.dtype), cache
 
 
 class ZambaSuperBlock(nnx.Module):
@@ -134,17 +151,30 @@ class ZambaSuperBlock(nnx.Module):
             for _ in range(num_shared)
         ])
 
-    def __call__(self, x, embeddings, shared_blocks, *, segment_ids=None, positions=None):
+    def __call__(self, x, embeddings, shared_blocks, *, segment_ids=None, positions=None, cache=None,
+                 valid_lengths=None):
+        """``x [B,T,D]`` -> ``[B,T,D]``. ``cache``: ``(mixer caches, one per layer; shared-attention
+        KV caches, one per use)``; with it, returns ``(y, new_cache)``."""
+        mixer_caches, shared_caches = ([None] * len(self.layers), [None] * self.num_shared) if cache is None else (
+            list(cache[0]), list(cache[1]))
+        cached = dict(valid_lengths=valid_lengths) if cache is not None else dict(segment_ids=segment_ids)
         for group in range(self.num_shared):
             for position in range(self.shared_every):
-                layer = self.layers[group * self.shared_every + position]
+                index = group * self.shared_every + position
                 t = None
                 if position == self.shared_offset:
-                    s = shared_blocks[group](x, embeddings, self.adapters[group], segment_ids=segment_ids,
-                                             positions=positions)
+                    shared = shared_blocks[group]
+                    if cache is None:
+                        s = shared(x, embeddings, self.adapters[group], segment_ids=segment_ids, positions=positions)
+                    else:
+                        s, shared_caches[group] = shared(x, embeddings, self.adapters[group], cache=shared_caches[group],
+                                                         valid_lengths=valid_lengths)
                     t = self.shared_proj[group](s)
-                x = layer(x, t, segment_ids=segment_ids)
-        return x
+                if cache is None:
+                    x = self.layers[index](x, t, **cached)
+                else:
+                    x, mixer_caches[index] = self.layers[index](x, t, cache=mixer_caches[index], **cached)
+        return x if cache is None else (x, (tuple(mixer_caches), tuple(shared_caches)))
 
 
 class ZambaLM(nnx.Module):
@@ -247,17 +277,44 @@ class ZambaLM(nnx.Module):
             self.dim, self.vocab_size, logical_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
 
-    def __call__(self, tokens: jax.Array, *, segment_ids=None, positions=None) -> jax.Array:
+    def init_cache(self, batch: int, max_len: int, dtype: DType | None = None) -> LMCache:
+        """An empty :class:`attnzoo.zoo.lm.LMCache` for ``batch`` rows of up to ``max_len`` tokens:
+        per super-block, the mixers' caches and one shared-attention ``KVCache`` per use."""
+        owner = "ZambaLM.init_cache"
+        batch = check_int(owner, "batch", batch)
+        max_len = check_int(owner, "max_len", max_len)
+
+        def make(super_block: ZambaSuperBlock):
+            mixers = tuple(layer.mixer.init_cache(batch, max_len, dtype) for layer in super_block.layers)
+            shared = tuple(block.attention.init_cache(batch, max_len, dtype) for block in self.shared)
+            return mixers, shared
+
+        return LMCache(layers=self.blocks.init_cache(make), lengths=jnp.zeros((batch,), jnp.int32), max_len=max_len)
+
+    def __call__(self, tokens: jax.Array, *, segment_ids=None, positions=None, cache: LMCache | None = None,
+                 valid_lengths=None):
         """``tokens [B, T]`` ints -> logits ``[B, T, vocab_size]`` (``logits_dtype``); packed documents
-        with ``segment_ids`` / ``positions`` as :class:`attnzoo.zoo.lm.DecoderLM`."""
+        with ``segment_ids`` / ``positions``, and decoding with ``cache`` / ``valid_lengths``
+        (returning ``(logits, new_cache)``), as :class:`attnzoo.zoo.lm.DecoderLM`."""
         owner = "ZambaLM"
-        if not hasattr(tokens, "ndim") or tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"{owner}: tokens must be an int array of shape [B,T], got {getattr(tokens, 'dtype', type(tokens))}"
-                             f"{tuple(getattr(tokens, 'shape', ()))}")
+        check_tokens(owner, tokens, self.vocab_size)
         dtype = compute_dtype(self.dtype, self.param_dtype)
         embeddings = jnp.take(self.embedding[...], tokens, axis=0, mode="fill", fill_value=jnp.nan).astype(dtype)
+        if cache is not None:
+            check_lm_cache(owner, cache, tokens)
+            if segment_ids is not None or positions is not None:
+                raise ValueError(f"{owner}: segment_ids / positions cannot be combined with a cache")
+            x, layers = self.blocks(embeddings, cache=cache.layers, embeddings=embeddings, shared_blocks=self.shared,
+                                    valid_lengths=valid_lengths)
+            lengths = advance_lengths(cache.lengths, tokens.shape[1], valid_lengths)
+            return self._logits(x), LMCache(layers=layers, lengths=lengths, max_len=cache.max_len)
+        if valid_lengths is not None:
+            raise ValueError(f"{owner}: valid_lengths needs a cache (use segment_ids for packing)")
         x = self.blocks(embeddings, embeddings=embeddings, shared_blocks=self.shared, segment_ids=segment_ids,
                         positions=positions)
+        return self._logits(x)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
         x = self.norm(x)
         accumulate = jnp.promote_types(compute_dtype(self.dtype, x, self.param_dtype), jnp.float32)
         if self.head is None:
