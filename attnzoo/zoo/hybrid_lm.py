@@ -30,9 +30,12 @@ Deviations from the papers, all for lack of a block not in attnzoo yet (and name
 preset's docstring): the mixture-of-experts MLPs (Jamba, Kimi Linear, MiniMax) are dense SwiGLU
 MLPs; Kimi Linear's MLA layers are GQA attention without RoPE; MiniCPM-SALA's InfLLM-V2 sparse
 attention is sliding-window attention; Hymba's sliding-window layers do not keep the meta tokens
-in view beyond the window and its layers do not share KV caches; MiniMax's per-layer scaling of the
-lightning slopes (deeper layers decay slower) is not applied under the scanned stack (every
-lightning layer has the slopes of layer 0).
+in view beyond the window and its layers do not share KV caches.
+
+MiniMax scales each lightning layer's decay rates by its depth (``1 - l / (L - 1)``, deeper layers
+forget slower). The rates are constants of a layer, and a scanned stack repeats one super-block, so
+``minimax_lm`` makes its super-block the whole model: every layer is its own labelled pattern token
+(``lightning:0 .. lightning:6, attn:7, lightning:8, ...``) with its own ``layer_idx``.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ __all__ = ["HYBRID_PRESETS"]
 SIZES = {"tiny": dict(dim=128, num_heads=4), "small": dict(dim=384, num_heads=6)}
 
 # name -> (super-block pattern, repeats per size {tiny, small}, DecoderLM arguments (or a function
-# of the size's {dim, num_heads} returning them), summary)
+# of the size's {dim, num_heads, depth} returning them; a "pattern" among them replaces the
+# super-block's), summary)
 HYBRID_PRESETS: dict[str, tuple[str, dict[str, int], Any, str]] = {
     "jamba_lm": (
         "mamba,mamba,mamba,mamba,attn,mamba,mamba,mamba",
@@ -87,7 +91,11 @@ HYBRID_PRESETS: dict[str, tuple[str, dict[str, int], Any, str]] = {
     "minimax_lm": (
         "lightning,lightning,lightning,lightning,lightning,lightning,lightning,attn",
         {"tiny": 1, "small": 2},
-        dict(num_kv_heads=2, mixer_options={"attention": dict(partial_rotary_factor=0.5)}),
+        lambda size: _depth_labelled(
+            "lightning,lightning,lightning,lightning,lightning,lightning,lightning,attn", size["depth"],
+            lambda index: {"layer_idx": index, "num_layers": size["depth"]} if index % 8 != 7 else None,
+            dict(num_kv_heads=2, mixer_options={"attention": dict(partial_rotary_factor=0.5)}),
+        ),
         "MiniMax-style (MiniMax 2025, arXiv:2506.13585): seven lightning-attention layers per softmax "
         "attention layer (GQA, RoPE on half of each head); dense MLPs instead of MoE",
     ),
@@ -108,12 +116,29 @@ HYBRID_PRESETS: dict[str, tuple[str, dict[str, int], Any, str]] = {
 }
 
 
+def _depth_labelled(pattern: str, depth: int, options_of_layer, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Arguments whose pattern spells out all ``depth`` layers (``pattern`` repeated), layer ``l``'s
+    token labelled ``name:l`` with mixer options ``options_of_layer(l)`` (None: unlabelled)."""
+    tokens = pattern.split(",")
+    arguments = dict(arguments, mixer_options=dict(arguments.get("mixer_options", {})))
+    spelled = []
+    for index in range(depth):
+        token, options = tokens[index % len(tokens)], options_of_layer(index)
+        if options is not None:
+            token = f"{token}:{index}"
+            arguments["mixer_options"][token] = options
+        spelled.append(token)
+    arguments["pattern"] = ",".join(spelled)
+    return arguments
+
+
 def _register(name: str, size: str):
     pattern, repeats, arguments, summary = HYBRID_PRESETS[name]
     model_name = f"{name}_{size}"
     depth = len(pattern.split(",")) * repeats[size]
     if callable(arguments):
-        arguments = arguments(SIZES[size])
+        arguments = dict(arguments(dict(SIZES[size], depth=depth)))
+    pattern = arguments.pop("pattern", pattern)
     preset = dict(vocab_size=256, pattern=pattern, depth=depth, **SIZES[size], **arguments)
 
     def factory(*, rngs: nnx.Rngs, **overrides) -> DecoderLM:

@@ -50,3 +50,23 @@ def test_preset_trains_through_the_trainer(name, tmp_path, data_dir):
     losses = [r["loss"] for r in records if r.get("split") == "train"]
     assert len(losses) >= 10 and all(math.isfinite(x) for x in losses), (name, losses)
     assert losses[-1] < losses[0] < 1.2 * math.log(256), (name, losses)
+
+
+@pytest.mark.parametrize("size, depth", [("tiny", 8), ("small", 16)])
+def test_minimax_lightning_layers_decay_by_depth(size, depth):
+    """Every lightning layer l of minimax_lm has MiniMax's slopes for depth l of L layers (the
+    softmax layers sit at l = 7, 15, ...), not layer 0's: the model is one super-block."""
+    import numpy as np
+    from flax import nnx
+
+    from attnzoo.layers.linear import lightning_slopes
+
+    lm = zoo.create_model(f"minimax_lm_{size}", dim=32, num_heads=2, rngs=nnx.Rngs(0))
+    assert lm.depth == depth and lm.num_repeats == 1
+    mixers = [block.mixer for block in lm.blocks.layers.blocks]
+    for index, mixer in enumerate(mixers):
+        if index % 8 == 7:
+            assert type(mixer).__name__ == "Attention"
+            continue
+        np.testing.assert_allclose(mixer.slopes, lightning_slopes(2, index, depth), rtol=1e-12)
+    assert mixers[0].slopes != mixers[6].slopes
