@@ -13,27 +13,16 @@ work); the attention baseline ``stdlib_bytes.py`` reaches 1.32. The other preset
 config in tests/train/test_hybrid_presets.py (a few steps); their full runs are not measured yet.
 """
 
-from attnzoo.configs.common import base_config
+import ml_collections
+
+from attnzoo.configs import stdlib_bytes
 
 DEFAULT_MODEL = "kimi_linear_lm_tiny"
 
 
 def get_config(model: str | None = None):
-    config = base_config()
-    config.task = "lm"
-    config.data.name = "python_stdlib_text"
-    config.data.eval_split = "validation"
-    config.data.seq_len = 128
-
+    """``stdlib_bytes``'s data, schedule and metric with the LM preset ``model`` (its own defaults)."""
+    config = stdlib_bytes.get_config()
     config.model.name = model or DEFAULT_MODEL
-
-    config.batch_size = 16
-    config.eval_batch_size = 64
-    config.eval_max_batches = 20
-    config.num_steps = 1200
-    config.optimizer.learning_rate = 2e-3
-    config.optimizer.warmup_steps = 100
-    config.checkpoint.every_steps = 300
-    config.log_every_steps = 50
-    config.eval_every_steps = 600
+    config.model.kwargs = ml_collections.ConfigDict()
     return config

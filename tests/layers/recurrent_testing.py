@@ -11,6 +11,22 @@ from attnzoo.layers import RecurrentCache
 from tests.zoo.helpers import fast_jit
 
 
+def split_case(config):
+    """``{"name": mixer, **options}`` -> ``(mixer, options)``."""
+    config = dict(config)
+    return config.pop("name"), config
+
+
+# Layer tests are dominated by XLA compile time: fast_jit skips the backend's optimisation passes
+# and compiles one program per module structure (seeds share it).
+_forward = fast_jit(lambda module, x, segment_ids: module(x, segment_ids=segment_ids))
+
+
+def apply_mixer(module, x, segment_ids=None):
+    """``module(x, segment_ids=segment_ids)`` through one cached fast-compiled program."""
+    return _forward(module, x, segment_ids)
+
+
 def recurrence(q, k, v, *, scale, decay=None, beta=None, segment_ids=None, normalize=False):
     """Every op of ``pk.linear_rnn`` token by token in float64, per row and head (``S [K, V]``)::
 

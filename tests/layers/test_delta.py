@@ -16,11 +16,13 @@ from attnzoo.pallas_kernels.testing import assert_close, float64, rel_rms
 from attnzoo.zoo import DecoderLM
 from tests.layers.numpy_layers import dense, param64, rms_norm, short_conv, sigmoid, silu, softplus
 from tests.layers.recurrent_testing import (
+    apply_mixer,
     assert_gradients_reach_every_parameter,
     assert_padding_step_keeps_row,
     assert_rejects_bad_calls,
     decode_in_pieces,
     recurrence,
+    split_case,
 )
 from tests.zoo.helpers import fast_jit, logical_axes
 
@@ -140,30 +142,17 @@ CONFIGS = {
 }
 
 
-def _case(config):
-    config = dict(config)
-    return config.pop("name"), config
-
-
-# This file is dominated by XLA compile time: fast_jit skips the backend's optimisation passes
-# and compiles one program per module structure (seeds share it).
-_forward = fast_jit(lambda module, x, segment_ids: module(x, segment_ids=segment_ids))
-
-
-def _apply(module, x, segment_ids=None):
-    return _forward(module, x, segment_ids)
-
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_float64_forward_matches_numpy_token_loop(config):
-    name, options = _case(CONFIGS[config])
+    name, options = split_case(CONFIGS[config])
     # Every mixer meets T = 1, 7 and 37 (37 = three chunks of 16); two seeds per configuration.
     short = 7 if sorted(CONFIGS).index(config) % 2 else 1
     with float64():
         for seed, length in [(0, short), (1, 37)]:
             module = _build(name, seed, **options)
             x = np.random.default_rng(seed + 10).normal(size=(2, length, module.dim))
-            out = _apply(module, jnp.asarray(x))
+            out = apply_mixer(module, jnp.asarray(x))
             assert out.shape == x.shape and out.dtype == jnp.float64
             assert_close(out, numpy_layer(module, x), f"{config} T={length}", dtype=jnp.float64)
 
@@ -174,9 +163,9 @@ def test_float64_packed_segments_match_numpy_and_run_alone(name):
         module = _build(name, 3)
         x = np.random.default_rng(4).normal(size=(2, 44, module.dim))
         segment_ids = np.array([[1] * 7 + [2] * 37, [5] * 3 + [6] * 4 + [7] * 37])
-        out = _apply(module, jnp.asarray(x), jnp.asarray(segment_ids))
+        out = apply_mixer(module, jnp.asarray(x), jnp.asarray(segment_ids))
         assert_close(out, numpy_layer(module, x, segment_ids), f"{name} packed", dtype=jnp.float64)
-        alone = _apply(module, jnp.asarray(x[:, 7:]))  # the last documents run alone
+        alone = apply_mixer(module, jnp.asarray(x[:, 7:]))  # the last documents run alone
         assert_close(out[:, 7:], alone, f"{name} documents alone", dtype=jnp.float64)
 
 
@@ -186,11 +175,11 @@ def test_float32_and_bfloat16_compute():
         with float64():
             reference = numpy_layer(_build(name, 6), x)
         module16 = _build(name, 6, param_dtype=jnp.float32, dtype=jnp.bfloat16)
-        out = _apply(module16, jnp.asarray(x, jnp.float32))
+        out = apply_mixer(module16, jnp.asarray(x, jnp.float32))
         assert out.dtype == jnp.bfloat16 and module16.q_proj.kernel[...].dtype == jnp.float32
         assert rel_rms(out, reference) < 5e-2, name
     module32 = _build("kda", 6, param_dtype=jnp.float32)
-    out = _apply(module32, jnp.asarray(x, jnp.float32))
+    out = apply_mixer(module32, jnp.asarray(x, jnp.float32))
     assert out.dtype == jnp.float32 and rel_rms(out, reference) < 1e-5
 
 
@@ -228,11 +217,11 @@ def test_published_initialisation():
     "config", ["deltanet_gate_elu_sum_negeig", "gated_deltanet_gva_nogate", "kda_gva_lower_bound_noconv"]
 )
 def test_prefill_then_steps_equal_full_forward(config):
-    name, options = _case(CONFIGS[config])
+    name, options = split_case(CONFIGS[config])
     with float64():
         module = _build(name, 7, **options)
         x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 37, module.dim)))
-        full = _apply(module, x)
+        full = apply_mixer(module, x)
         cache = module.init_cache(2, 64)
         assert isinstance(cache, RecurrentCache) and cache.state.dtype == jnp.float64
         assert cache.state.shape == (2, module.num_v_heads, module.head_k_dim, module.head_v_dim)
@@ -249,7 +238,7 @@ def test_right_padded_prefill_then_steps(name):
         tokens = np.random.default_rng(10).normal(size=(2, 37, module.dim))
         prompt_lengths = [33, 20]  # row 1 is padded with junk that must not leak
         y_prompt, steps, cache = decode_in_pieces(module, tokens, prompt_lengths, [1, 1, 1, 1], seed=10)
-        full = _apply(module, jnp.asarray(tokens))
+        full = apply_mixer(module, jnp.asarray(tokens))
         for row, n in enumerate(prompt_lengths):
             assert_close(y_prompt[row, :n], full[row, :n], f"row {row} prompt", dtype=jnp.float64)
             assert_close(steps[row], full[row, n : n + 4], f"row {row} steps", dtype=jnp.float64)

@@ -14,10 +14,12 @@ from attnzoo.pallas_kernels.testing import assert_close, float64, rel_rms
 from attnzoo.zoo import DecoderLM
 from tests.layers.numpy_layers import dense, numpy_mamba, numpy_ssd, param64, short_conv, silu
 from tests.layers.recurrent_testing import (
+    apply_mixer,
     assert_gradients_reach_every_parameter,
     assert_padding_step_keeps_row,
     assert_rejects_bad_calls,
     decode_in_pieces,
+    split_case,
 )
 from tests.zoo.helpers import fast_jit, logical_axes
 
@@ -101,27 +103,16 @@ CONFIGS = {
 }
 
 
-def _case(config):
-    config = dict(config)
-    return config.pop("name"), config
-
-
-_forward = fast_jit(lambda module, x, segment_ids: module(x, segment_ids=segment_ids))
-
-
-def _apply(module, x, segment_ids=None):
-    return _forward(module, x, segment_ids)
-
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_float64_forward_matches_numpy_token_loop(config):
-    name, options = _case(CONFIGS[config])
+    name, options = split_case(CONFIGS[config])
     # T = 1, 7 and 37 (three chunks of 16); two seeds.
     for seed, length in ((0, 1), (1, 7), (2, 37)):
         with float64():
             module = _build(name, seed, **options)
             x = np.random.default_rng(seed + 100).normal(size=(2, length, module.dim))
-            out = _apply(module, jnp.asarray(x))
+            out = apply_mixer(module, jnp.asarray(x))
             assert out.dtype == jnp.float64
             assert_close(out, NUMPY_LAYERS[name](module, x), f"{config} T={length}", dtype=jnp.float64)
 
@@ -129,15 +120,15 @@ def test_float64_forward_matches_numpy_token_loop(config):
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_float64_packed_segments_match_numpy_and_run_alone(name):
     with float64():
-        module = _build(name, 3, **_case(CONFIGS[{"mamba2": "mamba2_groups_dhdim_limit", "mamba": "mamba_rank_bias_conv3"}[name]])[1])
+        module = _build(name, 3, **split_case(CONFIGS[{"mamba2": "mamba2_groups_dhdim_limit", "mamba": "mamba_rank_bias_conv3"}[name]])[1])
         x = np.random.default_rng(4).normal(size=(2, 30, module.dim))
         ids = np.zeros((2, 30), np.int32)
         ids[0, 11:] = 1
         ids[0, 16:] = 2
         ids[1, 25:] = 7
-        out = _apply(module, jnp.asarray(x), jnp.asarray(ids))
+        out = apply_mixer(module, jnp.asarray(x), jnp.asarray(ids))
         assert_close(out, NUMPY_LAYERS[name](module, x, ids), "packed", dtype=jnp.float64)
-        alone = _apply(module, jnp.asarray(x[:1, 11:16]))
+        alone = apply_mixer(module, jnp.asarray(x[:1, 11:16]))
         assert_close(out[:1, 11:16], alone, "segment alone", dtype=jnp.float64)
 
 
@@ -145,16 +136,16 @@ def test_float32_and_bfloat16_compute():
     with float64():
         module64 = _build("mamba2", 5)
         x = np.random.default_rng(6).normal(size=(2, 40, module64.dim))
-        ref = np.asarray(_apply(module64, jnp.asarray(x)))
+        ref = np.asarray(apply_mixer(module64, jnp.asarray(x)))
     module32 = _build("mamba2", 5, param_dtype=jnp.float32)
-    out32 = _apply(module32, jnp.asarray(x, jnp.float32))
+    out32 = apply_mixer(module32, jnp.asarray(x, jnp.float32))
     assert out32.dtype == jnp.float32
     assert_close(out32, ref, "float32", dtype=jnp.float32)
     module_bf16 = _build("mamba2", 5, param_dtype=jnp.float32)
     module_bf16.dtype = jnp.bfloat16
     for sub in (module_bf16.norm.norm,):
         sub.dtype = jnp.bfloat16
-    out16 = _apply(module_bf16, jnp.asarray(x, jnp.bfloat16))
+    out16 = apply_mixer(module_bf16, jnp.asarray(x, jnp.bfloat16))
     assert rel_rms(out16, ref) < 5e-2
 
 
@@ -176,11 +167,11 @@ def test_published_initialisation():
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_prefill_then_steps_equal_full_forward(config):
-    name, options = _case(CONFIGS[config])
+    name, options = split_case(CONFIGS[config])
     with float64():
         module = _build(name, 7, **options)
         x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 37, module.dim)))
-        full = _apply(module, x)
+        full = apply_mixer(module, x)
         cache = module.init_cache(2, 64)
         assert isinstance(cache, RecurrentCache) and cache.state.dtype == jnp.float64
         assert len(cache.conv) == len(module._conv_modules())
@@ -195,7 +186,7 @@ def test_right_padded_prefill_then_steps(name):
         tokens = np.random.default_rng(10).normal(size=(2, 37, module.dim))
         prompt_lengths = [33, 20]
         y_prompt, steps, cache = decode_in_pieces(module, tokens, prompt_lengths, [1, 1, 1, 1], seed=10)
-        full = _apply(module, jnp.asarray(tokens))
+        full = apply_mixer(module, jnp.asarray(tokens))
         for row, n in enumerate(prompt_lengths):
             assert_close(y_prompt[row, :n], full[row, :n], f"row {row} prompt", dtype=jnp.float64)
             assert_close(steps[row], full[row, n : n + 4], f"row {row} steps", dtype=jnp.float64)
