@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 __all__ = ["StateDictReader", "load_hf_mamba2_mixer", "load_hf_mamba_mixer", "load_hf_kimi_delta_attention",
-           "load_hf_minimax_lightning_attention", "load_hf_zamba2"]
+           "load_hf_olmo_hybrid_gated_deltanet", "load_hf_minimax_lightning_attention", "load_hf_zamba2"]
 
 
 class StateDictReader:
@@ -202,6 +202,47 @@ def load_hf_kimi_delta_attention(module, state_dict: Mapping[str, np.ndarray], p
     _load_dense(read, module.g_a_proj, "g_a_proj", None, owner, "g_a_proj")
     _load_dense(read, module.g_b_proj, "g_b_proj", None, owner, "g_b_proj")
     assign(module.o_norm.norm.scale, read("o_norm.weight", (k,)), "o_norm.norm.scale", owner)
+    return read.finish(strict)
+
+
+def load_hf_olmo_hybrid_gated_deltanet(module, state_dict: Mapping[str, np.ndarray], prefix: str = "", *,
+                                      strict: bool = True):
+    """Loads a Hugging Face ``OlmoHybridGatedDeltaNet`` (``transformers/models/olmo_hybrid/modeling_olmo_hybrid.py``)
+    into :class:`attnzoo.layers.delta.GatedDeltaNet`.
+
+    The module needs the layer's sizes: ``num_heads = linear_num_key_heads`` (H), ``num_v_heads =
+    linear_num_value_heads`` (Hv), ``head_dim = linear_key_head_dim`` (K), ``expand_v =
+    linear_value_head_dim / linear_key_head_dim`` (V), ``use_gate=True``, ``use_short_conv=True``,
+    ``conv_size = linear_conv_kernel_dim``, ``allow_neg_eigval = linear_allow_neg_eigval`` (not stored in
+    the weights) and ``norm_eps=1e-5`` (the layer's fixed ``o_norm`` eps, not ``rms_norm_eps``).
+
+    Source keys: ``q_proj``/``k_proj.weight [H K, D]``, ``v_proj``/``g_proj.weight [Hv V, D]``,
+    ``a_proj``/``b_proj.weight [Hv, D]``, ``conv1d.weight [2 H K + Hv V, 1, W]`` (channels q, k, v;
+    one depthwise convolution, split into ``q_conv1d``/``k_conv1d``/``v_conv1d``), ``A_log``,
+    ``dt_bias [Hv]``, ``o_norm.weight [V]`` (-> ``o_norm.norm.scale``), ``o_proj.weight [D, Hv V]``.
+    Grouped value heads agree: value head ``i`` reads key head ``i // (Hv / H)`` on both sides
+    (``repeat_interleave``). Returns the unused keys under the prefix (``strict`` raises instead).
+    """
+    owner = "load_hf_olmo_hybrid_gated_deltanet"
+    read = StateDictReader(state_dict, prefix, owner)
+    if not module.use_gate or not module.use_short_conv:
+        raise ValueError(f"{owner}: OlmoHybridGatedDeltaNet has an output gate and a short convolution; build the "
+                         f"module with use_gate=True and use_short_conv=True, got use_gate={module.use_gate}, "
+                         f"use_short_conv={module.use_short_conv}")
+    d, h, hv, dk, dv = module.dim, module.num_heads, module.num_v_heads, module.head_k_dim, module.head_v_dim
+    shapes = dict(q_proj=(h * dk, d), k_proj=(h * dk, d), v_proj=(hv * dv, d), g_proj=(hv * dv, d),
+                  a_proj=(hv, d), b_proj=(hv, d), o_proj=(d, hv * dv))
+    for name, shape in shapes.items():
+        read(f"{name}.weight", shape)
+        _load_dense(read, getattr(module, name), name, None, owner, name)
+    read("conv1d.weight", (2 * h * dk + hv * dv, 1, module.conv_size))
+    bounds = (0, h * dk, 2 * h * dk, 2 * h * dk + hv * dv)
+    for index, (conv, what) in enumerate(zip((module.q_conv1d, module.k_conv1d, module.v_conv1d),
+                                             ("q_conv1d", "k_conv1d", "v_conv1d"))):
+        _load_conv(read, conv, slice(bounds[index], bounds[index + 1]), owner, what)
+    assign(module.A_log, read("A_log", (hv,)), "A_log", owner)
+    assign(module.dt_bias, read("dt_bias", (hv,)), "dt_bias", owner)
+    assign(module.o_norm.norm.scale, read("o_norm.weight", (dv,)), "o_norm.norm.scale", owner)
     return read.finish(strict)
 
 

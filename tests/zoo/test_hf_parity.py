@@ -107,6 +107,84 @@ def test_kimi_delta_attention_matches_transformers():
     assert_close(module(jnp.asarray(x)), expected, "kda vs transformers", dtype=jnp.float32)
 
 
+def _olmo_hybrid_gated_deltanet(heads, v_heads, head_k_dim, head_v_dim, allow_neg_eigval, seed):
+    from transformers.models.olmo_hybrid.configuration_olmo_hybrid import OlmoHybridConfig
+    from transformers.models.olmo_hybrid.modeling_olmo_hybrid import OlmoHybridGatedDeltaNet
+
+    config = OlmoHybridConfig(hidden_size=48, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+                              layer_types=["linear_attention", "full_attention"], linear_num_key_heads=heads,
+                              linear_num_value_heads=v_heads, linear_key_head_dim=head_k_dim,
+                              linear_value_head_dim=head_v_dim, linear_allow_neg_eigval=allow_neg_eigval)
+    torch_layer = randomize_torch(OlmoHybridGatedDeltaNet(config, layer_idx=0).eval(), seed)
+    module = layers.create_mixer("gated_deltanet", dim=48, num_heads=heads, num_v_heads=v_heads, head_dim=head_k_dim,
+                                 expand_v=head_v_dim / head_k_dim, allow_neg_eigval=allow_neg_eigval,
+                                 conv_size=config.linear_conv_kernel_dim, chunk_size=16, rngs=nnx.Rngs(0))
+    return torch_layer, module
+
+
+@pytest.mark.parametrize(
+    "heads, v_heads, head_k_dim, head_v_dim, allow_neg_eigval, seed",
+    [(2, 4, 12, 24, True, 12), (3, 3, 16, 16, False, 14)],  # grouped value heads, expand_v 2 / plain, expand_v 1
+)
+def test_olmo_hybrid_gated_deltanet_matches_transformers(heads, v_heads, head_k_dim, head_v_dim, allow_neg_eigval,
+                                                         seed):
+    torch_layer, module = _olmo_hybrid_gated_deltanet(heads, v_heads, head_k_dim, head_v_dim, allow_neg_eigval, seed)
+    x = np.random.default_rng(seed + 1).normal(size=(2, 37, 48)).astype(np.float32)
+
+    def reference(inputs):
+        with torch.no_grad():
+            return torch_layer(torch.from_numpy(np.ascontiguousarray(inputs))).numpy()
+
+    expected = reference(x)
+    assert convert.load_hf_olmo_hybrid_gated_deltanet(module, numpy_state(torch_layer)) == []
+    name = f"gated_deltanet H={heads} Hv={v_heads}"
+    assert_close(module(jnp.asarray(x)), expected, f"{name} vs transformers", dtype=jnp.float32)
+
+    # Packed documents (segment_ids) equal transformers run on each document alone (its torch path has no
+    # cu_seqlens support, so the documents are run separately).
+    bounds = [(0, 0, 15), (0, 15, 37), (1, 0, 9), (1, 9, 30), (1, 30, 37)]
+    segment_ids = np.zeros((2, 37), np.int32)
+    packed = np.zeros_like(expected)
+    for index, (row, start, stop) in enumerate(bounds):
+        segment_ids[row, start:stop] = index
+        packed[row, start:stop] = reference(x[row : row + 1, start:stop])[0]
+    out = module(jnp.asarray(x), segment_ids=jnp.asarray(segment_ids))
+    assert_close(out, packed, f"{name} packed vs transformers per document", dtype=jnp.float32)
+
+    # Decoding from a prefill matches the full forward of transformers.
+    cache = module.init_cache(2, 64)
+    first, cache = module(jnp.asarray(x[:, :30]), cache=cache)
+    steps = []
+    for t in range(30, 37):
+        y, cache = module(jnp.asarray(x[:, t : t + 1]), cache=cache)
+        steps.append(y)
+    decoded = jnp.concatenate([first, *steps], axis=1)
+    assert_close(decoded, expected, f"{name} decoded vs transformers", dtype=jnp.float32)
+
+    # The comparison catches a wrong conversion (a and b projections swapped).
+    module.a_proj.kernel.set_value(module.b_proj.kernel.get_value())
+    with pytest.raises(AssertionError, match="relative RMS"):
+        assert_close(module(jnp.asarray(x)), expected, "corrupted", dtype=jnp.float32)
+
+
+def test_olmo_hybrid_gated_deltanet_converter_checks_the_layout():
+    torch_layer, module = _olmo_hybrid_gated_deltanet(2, 4, 12, 24, True, 16)
+    state = numpy_state(torch_layer)
+    # Four key heads instead of two: the query projection no longer fits.
+    wrong = layers.create_mixer("gated_deltanet", dim=48, num_heads=4, num_v_heads=4, head_dim=12, expand_v=2.0,
+                                rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"'q_proj.weight' has shape \(24, 48\), expected \(48, 48\)"):
+        convert.load_hf_olmo_hybrid_gated_deltanet(wrong, state)
+    ungated = layers.create_mixer("gated_deltanet", dim=48, num_heads=2, num_v_heads=4, head_dim=12, expand_v=2.0,
+                                  use_gate=False, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="use_gate=True"):
+        convert.load_hf_olmo_hybrid_gated_deltanet(ungated, state)
+    with pytest.raises(KeyError, match="state_dict has no 'mixer.q_proj.weight'"):
+        convert.load_hf_olmo_hybrid_gated_deltanet(module, state, prefix="mixer.")
+    with pytest.raises(ValueError, match="state_dict keys not converted: \\['extra'\\]"):
+        convert.load_hf_olmo_hybrid_gated_deltanet(module, dict(state, extra=np.zeros(1)))
+
+
 @pytest.mark.parametrize("layer_idx", [0, 2])
 def test_minimax_lightning_attention_matches_transformers(layer_idx):
     from transformers.models.minimax.modeling_minimax import MiniMaxConfig, MiniMaxLightningAttention
