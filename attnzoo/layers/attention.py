@@ -1,4 +1,4 @@
-"""Softmax attention mixer: GQA/MQA, RoPE, QK-norm, sliding window, softcap, KV-cache decoding.
+"""Softmax attention mixer: GQA/MQA, RoPE, QK-norm, sliding window (with sink tokens), softcap, KV-cache decoding.
 
 >>> m = Attention(dim=256, num_heads=8, num_kv_heads=2, rngs=nnx.Rngs(0))
 >>> y = m(x)                                   # x [B,T,256] -> [B,T,256], causal
@@ -84,6 +84,13 @@ class Attention(nnx.Module):
       causal: causal masking (required for decoding with a cache).
       window: ``(left, right)`` sliding window (token ``i`` sees ``i-left .. i+right``; a side may be
         None = unbounded) or None. With ``causal`` only ``left`` matters.
+      num_sink_tokens: ``S >= 0`` attention sinks: with a window, keys at absolute positions
+        ``j < S`` (the first S tokens of the sequence, e.g. Hymba's meta tokens) stay visible to
+        every query besides the window (causally: query ``i`` sees ``j <= i`` with ``j`` in the
+        window or ``j < S``). Without a window every earlier key is visible anyway and it changes
+        nothing. Not combined with ``segment_ids`` (raises). Hymba's mask (``modeling_hymba.py``
+        of nvidia/Hymba-1.5B-Base, ``HymbaFlexAttention``: ``causal & ((q - kv <= window) |
+        (kv < num_memory_tokens))``) is ``window=(w, 0), num_sink_tokens=M``.
       use_rope / rope_theta / rotary_dim: rotary embedding of q and k (rotate-half convention) on
         the first ``rotary_dim`` features of each head (default all); or ``partial_rotary_factor``,
         the rotated fraction of the head (MiniMax: 0.5).
@@ -109,6 +116,7 @@ class Attention(nnx.Module):
         output_projection: bool = True,
         causal: bool = True,
         window: tuple[int | None, int | None] | None = None,
+        num_sink_tokens: int = 0,
         use_rope: bool = True,
         rope_theta: float = 10000.0,
         rotary_dim: int | None = None,
@@ -150,6 +158,7 @@ class Attention(nnx.Module):
             raise TypeError(f"{owner}: causal must be a bool, got {type(causal).__name__}")
         self.causal = causal
         self.window = check_window(owner, window)
+        self.num_sink_tokens = check_int(owner, "num_sink_tokens", num_sink_tokens, minimum=0)
         self.use_rope = bool(use_rope)
         self.rope_theta = check_float(owner, "rope_theta", rope_theta, positive=True, allow_none=False)
         if partial_rotary_factor is not None:
@@ -191,6 +200,11 @@ class Attention(nnx.Module):
             self.q_norm = None
             self.k_norm = None
 
+    @property
+    def _sinks(self) -> int:
+        """The sink tokens that change the mask: ``num_sink_tokens`` with a window, else 0."""
+        return self.num_sink_tokens if self.window is not None else 0
+
     # ------------------------------------------------------------------------------------------
     # Cache
     # ------------------------------------------------------------------------------------------
@@ -219,8 +233,9 @@ class Attention(nnx.Module):
         Queries ``i < seq_len`` sit at position ``c = i + kv_len - seq_len`` among ``kv_len`` keys
         (bottom-right alignment, as ``pk.attention`` aligns them). Query ``i`` sees keys ``j`` with
         ``0 <= j < kv_len``, ``j <= c`` if causal, and ``c - left <= j <= c + right`` for a window
-        side that is not None. E.g. causal self-attention: ``T (T + 1) / 2``. Segment ids are not
-        modelled (they only remove pairs).
+        side that is not None; with ``num_sink_tokens = N`` and a window, also the keys ``j < N``
+        (and ``j <= c`` if causal). E.g. causal self-attention: ``T (T + 1) / 2``. Segment ids are
+        not modelled (they only remove pairs).
         """
         owner = "Attention.visible_pairs"
         seq_len = check_int(owner, "seq_len", seq_len)
@@ -236,7 +251,16 @@ class Attention(nnx.Module):
                 lo = np.maximum(lo, centre - left)
             if right is not None:
                 hi = np.minimum(hi, centre + right)
-        return int(np.maximum(hi - lo + 1, 0).sum())
+        pairs = np.maximum(hi - lo + 1, 0)
+        sinks = self._sinks
+        if sinks:
+            # Sinks [0, sink_hi] minus the part already inside the window [lo, hi].
+            sink_hi = np.full(seq_len, min(sinks, kv_len) - 1, np.int64)
+            if self.causal:
+                sink_hi = np.minimum(sink_hi, centre)
+            overlap = np.maximum(np.minimum(hi, sink_hi) - np.maximum(lo, 0) + 1, 0)
+            pairs = pairs + np.maximum(sink_hi + 1, 0) - overlap
+        return int(pairs.sum())
 
     def flops(self, seq_len: int, kv_len: int | None = None) -> int:
         """Forward FLOPs of this layer for one sequence, counting matmuls only (2 per multiply-add).
@@ -282,7 +306,7 @@ class Attention(nnx.Module):
         Args:
           x: ``[B, T, D]``.
           segment_ids: ``[B, T]`` ints, packed documents (tokens attend within their segment).
-            Not combined with ``cache``.
+            Not combined with ``cache``, nor with ``num_sink_tokens`` and a window.
           positions: ``[B, T]`` (or ``[T]``) RoPE positions; default ``arange(T)``, or with a cache
             ``cache.lengths[b] + arange(T)``. Packed documents pass positions restarting at 0.
           cache: a :class:`KVCache` from :meth:`init_cache`. x is written at each row's position;
@@ -300,7 +324,8 @@ class Attention(nnx.Module):
 
         A prefill attends over the whole cache (each row rolled so its newest token is last, with
         key segment ids hiding unwritten slots), so it costs ``O(T * max_len)``. The decoding step
-        uses ``pk.attention_decode``, which is forward-only for the xla and pallas impls.
+        uses ``pk.attention_decode``, which is forward-only for the xla and pallas impls; with
+        sink tokens (and a window) it takes the prefill path instead (T == 1).
         """
         check_input("Attention", x, ndim=3, last=self.dim, layout="[B,T,D]")
         batch, length, _ = x.shape
@@ -319,6 +344,11 @@ class Attention(nnx.Module):
                 positions = jnp.arange(length, dtype=jnp.int32)[None, :]
             q, k = self._rope(q, positions), self._rope(k, positions)
             if segment_ids is not None:
+                if self._sinks:
+                    raise ValueError(
+                        f"Attention: num_sink_tokens ({self.num_sink_tokens}) with a window cannot be combined "
+                        "with segment_ids (the sinks are the first tokens of the row, not of each segment)"
+                    )
                 segment_ids = jnp.asarray(segment_ids)
                 if segment_ids.shape != (batch, length) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
                     raise ValueError(
@@ -328,7 +358,13 @@ class Attention(nnx.Module):
                 segments = (segment_ids, segment_ids)
             else:
                 segments = None
-            out = self._attend(q, k, v, segments)
+            if self._sinks:
+                # causal & (window | key < S); the op intersects `causal` with `mask`.
+                left, right = self.window
+                sink_mask = pk.LocalMask(left, right, 0) | pk.KeyRangeMask(0, self._sinks)
+                out = self._attend(q, k, v, segments, window=None, mask=sink_mask)
+            else:
+                out = self._attend(q, k, v, segments)
             return self._output(out.astype(q.dtype))
         if segment_ids is not None:
             raise ValueError("Attention: segment_ids cannot be combined with a cache; decode one sequence per row")
@@ -358,9 +394,13 @@ class Attention(nnx.Module):
         repeats = int(np.lcm(self.num_kv_heads, shards)) // self.num_kv_heads
         return jnp.repeat(k, repeats, axis=2), jnp.repeat(v, repeats, axis=2)
 
-    def _attend(self, q, k, v, segments):
-        """``pk.attention`` (shard-mapped over batch and heads for Pallas under a mesh)."""
+    def _attend(self, q, k, v, segments, **overrides):
+        """``pk.attention`` (shard-mapped over batch and heads for Pallas under a mesh).
+
+        ``overrides`` replace the op's ``causal`` / ``window`` or add a ``mask``.
+        """
         options = dict(causal=self.causal, window=self.window, scale=self.scale, softcap=self.softcap, impl=self.impl)
+        options.update(overrides)
         if self.block_sizes is not None:
             options["block_sizes"] = self.block_sizes
 
@@ -428,7 +468,9 @@ class Attention(nnx.Module):
         k_all = _write_rows(cache.k, k, starts)
         v_all = _write_rows(cache.v, v, starts)
         ends = starts + length
-        if length == 1:
+        if self._sinks:
+            out = self._attend_cached_sinks(q, k, v, k_all, v_all, starts)
+        elif length == 1:
             out = self._decode(q[:, 0], k_all.astype(q.dtype), v_all.astype(q.dtype), ends)[:, None]
         else:
             # Roll each row so its newest token sits at S-1: then the op's bottom-right-aligned
@@ -443,3 +485,46 @@ class Attention(nnx.Module):
         overflow = ends > max_len
         out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
         return out, KVCache(k_all, v_all, starts + advance)
+
+    def _attend_cached_sinks(self, q, k, v, k_all, v_all, starts):
+        """Cached attention with sink tokens: ``q [B,T,Hq,Dh]`` (at positions ``starts + t``), the
+        chunk's ``k``/``v [B,T,Hkv,Dh|Dv]`` and the cache after the write ``k_all``/``v_all [B,S,...]``.
+
+        The key view is three regions, with ``N = min(num_sink_tokens, S)`` and ``H = min(N, T)``:
+          A ``[0, N)``: cache slots ``0..N-1``, unrolled; slot ``s`` valid iff ``s < starts`` (written
+            before this chunk, so before every query);
+          B ``[N, N+H)``: the chunk's first ``H`` tokens; token ``c`` valid iff ``starts + c < N`` (a
+            sink written by this chunk), visible causally (``c <= t``);
+          C ``[N+H, N+H+S)``: the cache rolled so each row's newest token is last (as without sinks);
+            slot ``o`` valid iff written and ``o >= N`` (the sinks live in A or B), under the causal
+            window.
+        Every sink slot is valid in exactly one of A and B, so each (query, key) pair counts once.
+        Returns ``[B, T, Hq, Dv]``.
+        """
+        batch, length = q.shape[:2]
+        max_len = k_all.shape[1]
+        sinks = min(self._sinks, max_len)
+        head = min(sinks, length)
+        total = sinks + head + max_len
+        ends = starts + length
+        shifts = max_len - ends
+        roll = jax.vmap(lambda row, shift: jnp.roll(row, shift, axis=0))
+
+        def view(new, cached):  # B holds the chunk's values as stored in the cache
+            regions = (cached[:, :sinks], new[:, :head].astype(cached.dtype), roll(cached, shifts))
+            return jnp.concatenate([region.astype(q.dtype) for region in regions], axis=1)
+
+        k_view, v_view = view(k, k_all), view(v, v_all)
+        slot = jnp.arange(max_len, dtype=jnp.int32)[None, :]
+        chunk = jnp.arange(head, dtype=jnp.int32)[None, :]
+        kv_ids = jnp.concatenate(
+            [jnp.arange(sinks, dtype=jnp.int32)[None, :] < starts[:, None],
+             starts[:, None] + chunk < sinks,
+             slot >= shifts[:, None] + sinks], axis=1).astype(jnp.int32)
+        q_ids = jnp.ones((batch, length), jnp.int32)
+        left, right = self.window
+        offset = total - length
+        mask = (pk.KeyRangeMask(0, sinks + head) & pk.CausalMask(sinks)) | (
+            pk.KeyRangeMask(sinks + head, total) & pk.CausalMask(offset) & pk.LocalMask(left, right, offset)
+        )
+        return self._attend(q, k_view, v_view, (q_ids, kv_ids), causal=False, window=None, mask=mask)

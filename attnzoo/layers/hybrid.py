@@ -11,14 +11,17 @@ arXiv:2411.13676; the released ``modeling_hymba.py`` of nvidia/Hymba-1.5B) runs 
 and a Mamba (S6) branch in parallel on the same input and averages their normalised outputs::
 
     q, k, v, x, z = in_proj(u)                 q, k [Dh = D / H]; v [Dv = d_inner / H]; x, z [d_inner]
-    a = attention(q, k, v)                     causal GQA with RoPE, optional sliding window; no o_proj
+    a = attention(q, k, v)                     causal GQA with RoPE, optional sliding window
+                                               (meta tokens kept in view as sinks); no o_proj
     s = mamba(x, z)                            S6 with RMSNorms on dt, B, C; gated by silu(z)
     y = out_proj((RMSNorm_1(a) + RMSNorm_2(s)) / 2)
 
 The fused ``in_proj`` is stored per output (the attention's ``q/k/v_proj``, the Mamba branch's
 ``x_in_proj`` / ``z_proj``), which is the same linear map. The meta tokens (learned tokens
 prepended to every sequence) belong to the model: :class:`attnzoo.zoo.lm.DecoderLM` prepends them
-with ``num_meta_tokens``. Hymba shares KV caches across pairs of layers (``reuse_kv``); here every
+with ``num_meta_tokens``; a sliding-window layer keeps them in view with ``num_sink_tokens`` equal
+to that count (Hymba's SWA mask is ``causal & ((q - kv <= window) | (kv < num_memory_tokens))``,
+``HymbaFlexAttention`` in ``modeling_hymba.py``). Hymba shares KV caches across pairs of layers (``reuse_kv``); here every
 layer has its own (a memory saving, not a change of the function class).
 """
 
@@ -77,6 +80,8 @@ class HymbaHead(nnx.Module):
       state_dim: the S6 state ``N`` (16). dt_rank: "auto" (``ceil(D / 16)``) or an int.
       conv_size: the Mamba branch's short convolution (4).
       window: sliding window of the attention (token ``i`` sees ``i - window .. i``) or None.
+      num_sink_tokens: with a window, the first ``num_sink_tokens`` tokens of the sequence (the
+        model's meta tokens) stay visible to every later token (0; see :class:`Attention`).
       rope_theta: RoPE base. norm_eps: of the branch norms and the dt/B/C norms (1e-6).
       impl / chunk_size / mesh_axes / dtype / param_dtype / kernel_init / rngs: as the branches'.
 
@@ -102,6 +107,7 @@ class HymbaHead(nnx.Module):
         dt_rank: int | str = "auto",
         conv_size: int = 4,
         window: int | None = None,
+        num_sink_tokens: int = 0,
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-6,
         impl: str = "auto",
@@ -129,7 +135,7 @@ class HymbaHead(nnx.Module):
         self.attention = Attention(
             self.dim, self.num_heads, num_kv_heads=num_kv_heads, v_head_dim=self.d_inner // self.num_heads,
             output_projection=False, causal=True, window=None if self.window is None else (self.window, 0),
-            use_rope=True, rope_theta=rope_theta, **common,
+            num_sink_tokens=num_sink_tokens, use_rope=True, rope_theta=rope_theta, **common,
         )
         self.mamba = Mamba(
             self.dim, 1, expand=expand, state_dim=state_dim, dt_rank=dt_rank, conv_size=conv_size,

@@ -11,7 +11,8 @@ byte-level vocabulary; any :class:`DecoderLM` argument can be overridden. Train 
 preset                      super-block (repeated to depth)           from the paper
 ==========================  ========================================  ==============================
 ``hymba_lm_*``              hymba:global, hymba x2, hymba:global       Hymba: parallel attention +
-                                                                      Mamba heads, SWA inside,
+                                                                      Mamba heads, SWA inside
+                                                                      (meta tokens as sinks),
                                                                       meta tokens
 ``jamba_lm_*``              mamba x4, attn, mamba x3                  Jamba: 1 attention : 7 Mamba,
                                                                       attention at offset 4, no
@@ -29,8 +30,10 @@ preset                      super-block (repeated to depth)           from the p
 Deviations from the papers, all for lack of a block not in attnzoo yet (and named in each
 preset's docstring): the mixture-of-experts MLPs (Jamba, Kimi Linear, MiniMax) are dense SwiGLU
 MLPs; Kimi Linear's MLA layers are GQA attention without RoPE; MiniCPM-SALA's InfLLM-V2 sparse
-attention is sliding-window attention; Hymba's sliding-window layers do not keep the meta tokens
-in view beyond the window and its layers do not share KV caches.
+attention is sliding-window attention; Hymba's layers do not share KV caches. (Hymba's
+sliding-window layers keep the meta tokens in view beyond the window, as in its released
+``modeling_hymba.py``: ``hymba_lm`` sets ``num_sink_tokens="meta"`` on them, which the model
+resolves to its ``num_meta_tokens``, also when that is overridden.)
 
 MiniMax scales each lightning layer's decay rates by its depth (``1 - l / (L - 1)``, deeper layers
 forget slower). The rates are constants of a layer, and a scanned stack repeats one super-block, so
@@ -75,11 +78,16 @@ HYBRID_PRESETS: dict[str, tuple[str, dict[str, int], Any, str]] = {
         lambda size: dict(
             num_kv_heads=2,
             num_meta_tokens=size["dim"] // 8,
-            mixer_options={"hymba": dict(num_kv_heads=2, window=64, state_dim=16), "hymba:global": dict(window=None)},
+            # The sliding-window layers keep the meta tokens (positions < num_meta_tokens) in view.
+            mixer_options={
+                "hymba": dict(num_kv_heads=2, window=64, state_dim=16, num_sink_tokens="meta"),
+                "hymba:global": dict(window=None, num_sink_tokens=0),
+            },
         ),
         "Hymba-style (Dong et al. 2024, arXiv:2411.13676): every layer a hybrid head (attention and Mamba heads "
         "in parallel on one input), global attention in the outer layers of each group of four and a sliding "
-        "window of 64 elsewhere, learned meta tokens (D/8 of them; Hymba uses 128) prepended to every sequence",
+        "window of 64 elsewhere that keeps the meta tokens in view, learned meta tokens (D/8 of them; Hymba uses "
+        "128) prepended to every sequence",
     ),
     "kimi_linear_lm": (
         "kda,kda,kda,attn",

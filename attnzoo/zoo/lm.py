@@ -218,7 +218,8 @@ class DecoderLM(nnx.Module):
       tie_embeddings: use ``embedding.T`` as the output head (no ``head`` parameter).
       rope_theta: RoPE base of attention layers. norm_eps: RMSNorm epsilon.
       num_meta_tokens: learned vectors prepended to every sequence (Hymba's meta tokens; 0 = none).
-        Not combined with packed ``segment_ids``.
+        Not combined with packed ``segment_ids``. A mixer option ``num_sink_tokens="meta"``
+        becomes this count (sliding-window attention that keeps the meta tokens in view).
       remat: per-super-block remat policy name. scan_layers: ``nnx.scan`` (True) or a loop (False)
         over the same stacked parameters.
       dtype: compute dtype (default: promotion). param_dtype: parameter dtype.
@@ -342,6 +343,8 @@ class DecoderLM(nnx.Module):
                 options.update(mixer_options.get(base, {}))
             if token != base:
                 options.update(mixer_options.get(token, {}))
+            if options.get("num_sink_tokens") == "meta":
+                options["num_sink_tokens"] = self.num_meta_tokens
             specs.append((mixer, options))
         return specs
 

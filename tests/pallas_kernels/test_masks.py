@@ -113,3 +113,13 @@ def test_bad_mask_arguments():
         pk.ChunkedCausalMask(0)
     with pytest.raises(ValueError, match="prefix_len"):
         pk.PrefixLMMask(-1)
+
+
+def test_key_range_mask_is_a_band_of_keys_for_every_query():
+    mask = pk.KeyRangeMask(2, 5)
+    q, kv = np.meshgrid(np.arange(6), np.arange(8), indexing="ij")
+    np.testing.assert_array_equal(np.asarray(mask(q, kv)), (kv >= 2) & (kv < 5))
+    lo, hi = mask.row_interval(np.arange(6), 8)
+    assert (lo == 2).all() and (hi == 4).all()
+    with pytest.raises(ValueError, match="KeyRangeMask"):
+        pk.KeyRangeMask(3, 1)

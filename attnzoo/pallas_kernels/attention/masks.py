@@ -154,6 +154,24 @@ class PrefixLMMask(Mask):
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyRangeMask(Mask):
+    """Keys ``lo <= kv_idx < hi`` visible to every query (attention sinks, regions of a key view)."""
+
+    lo: int
+    hi: int
+
+    def __post_init__(self):
+        if not isinstance(self.lo, int) or not isinstance(self.hi, int) or not 0 <= self.lo <= self.hi:
+            raise ValueError(f"KeyRangeMask: need ints 0 <= lo <= hi, got lo={self.lo!r}, hi={self.hi!r}")
+
+    def __call__(self, q_idx, kv_idx):
+        return (kv_idx >= self.lo) & (kv_idx < self.hi) & (q_idx >= 0)
+
+    def row_interval(self, q_idx, kv_len):
+        return np.full_like(q_idx, self.lo), np.full_like(q_idx, self.hi - 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class FunctionMask(Mask):
     """Wraps ``mask_mod(q_idx, kv_idx) -> bool`` written with elementwise array operations.
 
