@@ -864,6 +864,34 @@ def padding_mask(valid_lengths: jax.Array | None, batch: int, length: int) -> ja
     return jnp.arange(length)[None, :] < valid_lengths[:, None]
 
 
+def check_mixer_call(owner: str, x, dim: int, segment_ids, cache, valid_lengths, check_cache=None):
+    """The argument checks every cached 1-D mixer makes on ``x [B, T, D]``, ``segment_ids [B, T]``,
+    ``cache`` and ``valid_lengths [B]`` (errors name ``owner``). ``check_cache(cache, batch)``
+    validates a given cache. Returns the padding mask ``[B, T]`` bool, or None (every token real)."""
+    check_input(owner, x, ndim=3, last=dim, layout="[B,T,D]")
+    batch, length, _ = x.shape
+    if segment_ids is not None:
+        if cache is not None:
+            raise ValueError(f"{owner}: segment_ids cannot be combined with a cache; decode one sequence per row")
+        if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
+            raise TypeError(f"{owner}: segment_ids must be an int array [B,T], got {type(segment_ids).__name__}")
+        if tuple(segment_ids.shape) != (batch, length) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"{owner}: segment_ids must be an int array of shape {(batch, length)} [B,T], "
+                f"got {segment_ids.dtype}{tuple(segment_ids.shape)}"
+            )
+    if cache is None:
+        if valid_lengths is not None:
+            raise ValueError(f"{owner}: valid_lengths needs a cache (use segment_ids for packing)")
+        return None
+    if check_cache is not None:
+        check_cache(cache, batch)
+    try:
+        return padding_mask(valid_lengths, batch, length)
+    except ValueError as error:
+        raise ValueError(f"{owner}: {error}") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Recurrent mixers: the machinery shared by the linear-attention and delta-rule mixers
 # ----------------------------------------------------------------------------------------------
@@ -977,28 +1005,7 @@ class RecurrentMixer(nnx.Module):
 
     def _begin(self, x, segment_ids, cache, valid_lengths):
         """Validates the call; returns the padding mask ``[B, T]`` bool, or None (every token real)."""
-        owner = type(self).__name__
-        check_input(owner, x, ndim=3, last=self.dim, layout="[B,T,D]")
-        batch, length, _ = x.shape
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError(f"{owner}: segment_ids cannot be combined with a cache; decode one sequence per row")
-            if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
-                raise TypeError(f"{owner}: segment_ids must be an int array [B,T], got {type(segment_ids).__name__}")
-            if tuple(segment_ids.shape) != (batch, length) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-                raise ValueError(
-                    f"{owner}: segment_ids must be an int array of shape {(batch, length)} [B,T], "
-                    f"got {segment_ids.dtype}{tuple(segment_ids.shape)}"
-                )
-        if cache is None:
-            if valid_lengths is not None:
-                raise ValueError(f"{owner}: valid_lengths needs a cache (use segment_ids for packing)")
-            return None
-        self._check_cache(cache, batch)
-        try:
-            return padding_mask(valid_lengths, batch, length)
-        except ValueError as error:
-            raise ValueError(f"{owner}: {error}") from None
+        return check_mixer_call(type(self).__name__, x, self.dim, segment_ids, cache, valid_lengths, self._check_cache)
 
     def _convolve(self, index: int, x, *, segment_ids, cache, mask, new_convs: list):
         """Short convolution ``index`` of :meth:`_conv_modules` over ``x [B,T,...]`` (trailing axes

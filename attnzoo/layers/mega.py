@@ -85,9 +85,8 @@ from attnzoo.layers.common import (
     apply_rope,
     check_bool,
     check_choice,
-    check_input,
+    check_mixer_call,
     compute_dtype,
-    padding_mask,
     partitioned,
     shard_map_batch_heads,
 )
@@ -383,22 +382,9 @@ class Mega(nnx.Module):
         return pb, q, eta
 
     def _check_call(self, x, segment_ids, cache, valid_lengths):
-        check_input("Mega", x, ndim=3, last=self.dim, layout="[B,T,D]")
-        batch, length, _ = x.shape
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("Mega: segment_ids cannot be combined with a cache; decode one sequence per row")
-            if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
-                raise TypeError(f"Mega: segment_ids must be an int array [B,T], got {type(segment_ids).__name__}")
-            if tuple(segment_ids.shape) != (batch, length) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-                raise ValueError(
-                    f"Mega: segment_ids must be an int array of shape {(batch, length)} [B,T], "
-                    f"got {segment_ids.dtype}{tuple(segment_ids.shape)}"
-                )
-        if cache is None:
-            if valid_lengths is not None:
-                raise ValueError("Mega: valid_lengths needs a cache (use segment_ids for packing)")
-            return None
+        return check_mixer_call("Mega", x, self.dim, segment_ids, cache, valid_lengths, self._check_cache)
+
+    def _check_cache(self, cache, batch: int):
         if not isinstance(cache, MegaCache):
             raise TypeError(f"Mega: cache must be a MegaCache from init_cache, got {type(cache).__name__}")
         kv = cache.attention
@@ -412,10 +398,6 @@ class Mega(nnx.Module):
         want = (batch, self.dim, self.ema_dim)
         if tuple(cache.ema.shape) != want:
             raise ValueError(f"Mega: cache.ema must have shape {want} [B,D,N], got {tuple(cache.ema.shape)}")
-        try:
-            return padding_mask(valid_lengths, batch, length)
-        except ValueError as error:
-            raise ValueError(f"Mega: {error}") from None
 
     def __call__(
         self,

@@ -10,6 +10,7 @@ from attnzoo import zoo
 from attnzoo.configs import hybrid_lm
 from attnzoo.train import train_and_evaluate
 from attnzoo.zoo.hybrid_lm import HYBRID_PRESETS
+from tests.train.presets_testing import narrowed_preset_config
 
 PRESETS = sorted(HYBRID_PRESETS) + ["zamba_lm"]
 
@@ -29,20 +30,10 @@ def test_every_preset_is_registered_in_both_sizes():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_trains_through_the_trainer(name, tmp_path, data_dir):
-    config = hybrid_lm.get_config(f"{name}_tiny")
-    config.data.data_dir = data_dir
-    config.data.seq_len = 32
-    config.model.kwargs.dim = 32
-    config.model.kwargs.num_heads = 2
-    config.batch_size = 8
-    config.eval_batch_size = 8
-    config.eval_max_batches = 1
-    config.num_steps = 12
+    config = narrowed_preset_config(f"{name}_tiny", data_dir, num_steps=12)
     config.optimizer.learning_rate = 3e-3
-    config.optimizer.warmup_steps = 2
     config.log_every_steps = 1
     config.eval_every_steps = 0
-    config.checkpoint.every_steps = 12
     workdir = tmp_path / name
     run = train_and_evaluate(config, str(workdir))
     assert run.step == 12

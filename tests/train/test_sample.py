@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attnzoo.configs import hybrid_lm, mqar
+from attnzoo.configs import mqar
 from attnzoo.sample import decode_bytes, encode_prompts
 from attnzoo.train import load_config, restore_model, train_and_evaluate
+from tests.train.presets_testing import narrowed_preset_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,18 +35,8 @@ def run_sample(*args):
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sample_run")
-    config = hybrid_lm.get_config("hymba_lm_tiny")
-    config.data.data_dir = str(tmp_path_factory.getbasetemp() / "tfds_sample")
-    config.data.seq_len = 32
-    config.model.kwargs.dim = 32
-    config.model.kwargs.num_heads = 2
-    config.batch_size = 8
-    config.eval_batch_size = 8
-    config.eval_max_batches = 1
-    config.num_steps = 6
-    config.optimizer.warmup_steps = 2
+    config = narrowed_preset_config("hymba_lm_tiny", str(tmp_path_factory.getbasetemp() / "tfds_sample"), num_steps=6)
     config.log_every_steps = 3
-    config.checkpoint.every_steps = 6
     train_and_evaluate(config, str(workdir))
     return workdir, config
 
