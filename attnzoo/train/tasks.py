@@ -17,6 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from attnzoo.train.input_pipeline import TASKS
 
@@ -72,10 +73,21 @@ def units(task: str, batch_shapes: dict) -> tuple[str, int]:
 
 
 def example_flops(task: str, model, batch_shapes: dict) -> int:
-    """Forward FLOPs of one example, from the model's analytic ``forward_flops``."""
-    if task in ("lm", "mqar"):
-        return int(model.forward_flops(batch_shapes["inputs"][1]))
-    return int(model.forward_flops(tuple(batch_shapes["image"][1:])))
+    """Forward FLOPs of one example: the model's analytic ``forward_flops`` where it has one,
+    else XLA's cost analysis of the compiled forward pass of one example (``model`` may be
+    abstract, from ``nnx.eval_shape``: nothing is allocated or run)."""
+    if hasattr(model, "forward_flops"):
+        if task in ("lm", "mqar"):
+            return int(model.forward_flops(batch_shapes["inputs"][1]))
+        return int(model.forward_flops(tuple(batch_shapes["image"][1:])))
+    key = "inputs" if task in ("lm", "mqar") else "image"
+    example = jax.ShapeDtypeStruct((1, *batch_shapes[key][1:]), jnp.int32 if key == "inputs" else jnp.float32)
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    compiled = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)).lower(state, example).compile()
+    costs = compiled.cost_analysis()
+    costs = costs[0] if isinstance(costs, (list, tuple)) else costs
+    return int(costs.get("flops", 0.0)) if costs else 0
 
 
 def loss_weight(task: str, batch: dict) -> jax.Array:

@@ -142,7 +142,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    kwargs = dict(config.model.get("kwargs", {}))
+    kwargs = config.model.get("kwargs", {})
+    # Nested dicts of the config (e.g. mixer_options) are ConfigDicts: models get plain dicts.
+    kwargs = kwargs.to_dict() if isinstance(kwargs, ml_collections.ConfigDict) else dict(kwargs)
     kwargs.setdefault("dtype", DTYPES[config.dtype])
     kwargs.setdefault("param_dtype", jnp.float32)
     return kwargs
@@ -199,9 +201,15 @@ def make_eval_dataset(config: ml_collections.ConfigDict):
 
 @dataclasses.dataclass
 class ModelAndOptimizer:
-    """The abstract model, its optimizer and how the train state is laid out on the mesh."""
+    """The abstract model, its optimizer and how the train state is laid out on the mesh.
+
+    ``graphdef`` is the model in training mode (``model.train()``: BatchNorm normalises with batch
+    statistics and updates its running averages, dropout is active), ``eval_graphdef`` the same
+    model in evaluation mode (``model.eval()``); both merge with the same params and model state.
+    """
 
     graphdef: Any
+    eval_graphdef: Any
     abstract_model: nnx.Module
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -231,6 +239,9 @@ def model_and_optimizer(config: ml_collections.ConfigDict, mesh, rules) -> Model
             abstract_model = nnx.eval_shape(build_model)
         except (ValueError, TypeError) as error:  # e.g. an unknown mixer in the pattern
             raise ConfigError(f"config.model ({config.model.name}): {error}") from error
+        abstract_model.eval()
+        eval_graphdef = nnx.graphdef(abstract_model)
+        abstract_model.train()
         graphdef, abstract_params, abstract_other = nnx.split(abstract_model, nnx.Param, ...)
         param_sharding = nnx.get_named_sharding(abstract_params, mesh).to_pure_dict()
     replicated = partitioning.replicated(mesh)
@@ -263,7 +274,7 @@ def model_and_optimizer(config: ml_collections.ConfigDict, mesh, rules) -> Model
             "model_state": other.to_pure_dict(),
         }
 
-    return ModelAndOptimizer(graphdef, abstract_model, tx, schedule, state_sharding, init_state, num_params)
+    return ModelAndOptimizer(graphdef, eval_graphdef, abstract_model, tx, schedule, state_sharding, init_state, num_params)
 
 
 def restore_model(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> nnx.Module:
@@ -285,7 +296,7 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, step: int | N
     if restored is None:
         raise FileNotFoundError(f"restore_model: no checkpoint in {checkpoints.directory}")
     _, state, _ = restored
-    return nnx.merge(spec.graphdef, state["params"], state["model_state"])
+    return nnx.merge(spec.eval_graphdef, state["params"], state["model_state"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,10 +324,14 @@ def eval_metrics(config, eval_data, graphdef, params, model_state, mesh) -> dict
 
 
 def evaluate_model(config: ml_collections.ConfigDict, model: nnx.Module) -> dict[str, float]:
-    """Evaluates ``model`` (e.g. from :func:`restore_model`) on ``config``'s eval split."""
+    """Evaluates ``model`` (e.g. from :func:`restore_model`) in evaluation mode (``model.eval()``,
+    applied to a copy) on ``config``'s eval split."""
     config = ml_collections.ConfigDict(config)
     mesh = partitioning.make_mesh(config.mesh)
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    evaluated = nnx.merge(graphdef, params, model_state)
+    evaluated.eval()
+    graphdef = nnx.graphdef(evaluated)
     return eval_metrics(
         config, make_eval_dataset(config), graphdef, params.to_pure_dict(), model_state.to_pure_dict(), mesh
     )
@@ -357,6 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     # --------------------------------------------------------------------------------------------
     spec = model_and_optimizer(config, mesh, rules)
     graphdef, tx, schedule, state_sharding = spec.graphdef, spec.tx, spec.schedule, spec.state_sharding
+    eval_graphdef = spec.eval_graphdef
     init_state, abstract_model, num_params = spec.init_state, spec.abstract_model, spec.num_params
     replicated = partitioning.replicated(mesh)
 
@@ -371,10 +387,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     batch_sharding = {key: partitioning.batch_sharding(mesh, len(shape)) for key, shape in global_shapes.items()}
 
     def loss_of(params, model_state, batch, normalizer):
+        """Loss and metric sums; the model state after the forward pass (e.g. BatchNorm running
+        averages) comes back with them."""
         model = nnx.merge(graphdef, params, model_state)
         sums = tasks.metric_sums(task, model, batch)
         total, _ = sums["loss"]
-        return total / normalizer, sums
+        _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+        return total / normalizer, (sums, new_model_state.to_pure_dict())
 
     @functools.partial(
         jax.jit,
@@ -387,22 +406,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         normalizer = jnp.maximum(tasks.loss_weight(task, batch), 1.0)
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)
         if accum == 1:
-            (loss, sums), grads = grad_fn(params, state["model_state"], batch, normalizer)
+            (loss, (sums, model_state)), grads = grad_fn(params, state["model_state"], batch, normalizer)
         else:
             # Micro-batch i holds rows i, i+accum, ...: every micro-batch stays sharded over the mesh.
+            # Gradients, losses and metric sums add up; the model state threads through in order.
             micro = jax.tree.map(
                 lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch
             )
 
             def accumulate(carry, micro_batch):
-                out = grad_fn(params, state["model_state"], micro_batch, normalizer)
-                return jax.tree.map(jnp.add, carry, out), None
+                totals, model_state = carry
+                (loss, (sums, model_state)), grads = grad_fn(params, model_state, micro_batch, normalizer)
+                return (jax.tree.map(jnp.add, totals, (loss, sums, grads)), model_state), None
 
-            shapes = jax.eval_shape(
+            (loss_shape, (sums_shape, _)), grad_shapes = jax.eval_shape(
                 grad_fn, params, state["model_state"], jax.tree.map(lambda x: x[0], micro), normalizer
             )
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            ((loss, sums), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_shape, sums_shape, grad_shapes))
+            ((loss, sums, grads), model_state), _ = jax.lax.scan(
+                accumulate, (zeros, state["model_state"]), micro
+            )
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -411,7 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
             "params": optax.apply_updates(params, updates),
             "opt_state": opt_state,
             "rng": state["rng"],
-            "model_state": state["model_state"],
+            "model_state": model_state,
         }
         # A non-finite step leaves the state untouched; the host stops the run when it sees it.
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
@@ -448,7 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     # 7. Eval
     # --------------------------------------------------------------------------------------------
     def evaluate(state) -> dict[str, float]:
-        return eval_metrics(config, eval_data, graphdef, state["params"], state["model_state"], mesh)
+        return eval_metrics(config, eval_data, eval_graphdef, state["params"], state["model_state"], mesh)
 
     # --------------------------------------------------------------------------------------------
     # 8. Loop
