@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train demo test test-main test-parity bench-attention bench-recurrent env clean
+.PHONY: train demo test test-main test-parity test-timm-parity bench-vision bench-attention bench-recurrent env clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
@@ -21,7 +21,7 @@ demo: env
 	$(PY) -m attnzoo.demo
 
 # The tests: the main suite, then the parity tests against PyTorch modules in their own environment.
-test: test-main test-parity
+test: test-main test-parity test-timm-parity
 
 test-main: env
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
@@ -38,6 +38,22 @@ $(PARITY_VENV)/.installed: pyproject.toml
 test-parity: $(PARITY_VENV)/.installed
 	$(PARITY_VENV)/bin/python -m pytest -m parity --durations=5 tests/zoo/test_hf_parity.py $(PARITY_ARGS)
 
+# Parity with timm's vision models. timm imports torchvision, and the torch / torchvision pair
+# that installs and imports together from this machine's disk is 2.14.1 / 0.29.1 (a CUDA build,
+# run on the CPU); hence an environment of its own.
+TIMM_VENV := .venv-timm
+$(TIMM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 timm==1.0.31 -e '.[test]'
+	@touch $@
+
+test-timm-parity: $(TIMM_VENV)/.installed
+	$(TIMM_VENV)/bin/python -m pytest -m parity --durations=5 tests/zoo/test_timm_parity_*.py $(PARITY_ARGS)
+
+# Vision train steps (forward + backward + AdamW update) against timm on the same CPU.
+bench-vision: $(TIMM_VENV)/.installed
+	$(TIMM_VENV)/bin/python benchmarks/vision.py $(BENCH_ARGS)
+
 bench-attention: env
 	$(PY) benchmarks/attention.py $(BENCH_ARGS)
 
@@ -45,4 +61,4 @@ bench-recurrent: env
 	$(PY) benchmarks/recurrent.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(PARITY_VENV) .pytest_cache
+	rm -rf $(VENV) $(PARITY_VENV) $(TIMM_VENV) .pytest_cache

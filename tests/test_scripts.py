@@ -71,6 +71,16 @@ def test_vit_digits_config_trains(tmp_path):
     assert "final eval at step 20: accuracy" in result.stdout
 
 
+@pytest.mark.slow
+def test_swin_digits_config_trains_with_either_mixer(tmp_path):
+    for mixer in ("window", "neighborhood"):
+        result = train_cli(tmp_path / mixer, f"attnzoo/configs/swin_digits.py:{mixer}", "--config.num_steps=10",
+                           "--config.optimizer.warmup_steps=2", "--config.eval_every_steps=0",
+                           data_dir=tmp_path / "tfds")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "final eval at step 10: accuracy" in result.stdout
+
+
 def test_train_command_rejects_a_bad_config_with_exit_status_2(tmp_path):
     result = train_cli(tmp_path / "run", "attnzoo/configs/mqar.py", "--config.model.name=lm_nanoo",
                        data_dir=tmp_path / "tfds")

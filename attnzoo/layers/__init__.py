@@ -51,3 +51,7 @@ from attnzoo.layers import delta as _delta  # noqa: E402,F401  (registers the mi
 from attnzoo.layers import ssm as _ssm  # noqa: E402,F401  (registers the mixers)
 from attnzoo.layers import hybrid as _hybrid  # noqa: E402,F401  (registers the mixers)
 from attnzoo.layers import mega as _mega  # noqa: E402,F401  (registers the mixers)
+from attnzoo.layers import window as _window  # noqa: E402,F401  (registers the mixers)
+from attnzoo.layers import neighborhood as _neighborhood  # noqa: E402,F401  (registers the mixers)
+from attnzoo.layers.conv import Conv2d  # noqa: E402,F401
+from attnzoo.layers.conv import BatchNorm, MBConv, SqueezeExcite  # noqa: E402,F401

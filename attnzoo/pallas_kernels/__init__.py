@@ -35,6 +35,7 @@ from attnzoo.pallas_kernels.linear_rnn import (
     simple_gla,
     simple_gla_step,
 )
+from attnzoo.pallas_kernels.neighborhood import NeighborhoodMask, neighborhood_attention
 from attnzoo.pallas_kernels.ssm import ScanBlockSizes, selective_scan, selective_scan_step, ssd, ssd_step
 
 __all__ = [
@@ -74,4 +75,6 @@ __all__ = [
     "selective_scan",
     "selective_scan_step",
     "ScanBlockSizes",
+    "neighborhood_attention",
+    "NeighborhoodMask",
 ]

@@ -14,10 +14,13 @@ from attnzoo.zoo.registry import create_model, get_model_factory, list_models, r
 # Importing the model modules registers their presets.
 from attnzoo.zoo.lm import DecoderLM  # noqa: E402
 from attnzoo.zoo.vit import VisionTransformer  # noqa: E402
+from attnzoo.zoo.swin import SwinTransformer  # noqa: E402
+from attnzoo.zoo.maxvit import MaxViT  # noqa: E402
 from attnzoo.zoo import hybrid_lm as _hybrid_lm  # noqa: E402,F401  (hybrid LM presets)
 from attnzoo.zoo.zamba import ZambaLM  # noqa: E402
 from attnzoo.zoo.lm import LMCache  # noqa: E402
 from attnzoo.zoo.generation import generate, prefill, sample_logits  # noqa: E402
+from attnzoo.zoo.timm_convert import load_timm_weights, register_timm_converter  # noqa: E402
 
 __all__ = [
     "list_models",
@@ -25,12 +28,16 @@ __all__ = [
     "register_model",
     "get_model_factory",
     "VisionTransformer",
+    "SwinTransformer",
+    "MaxViT",
     "DecoderLM",
     "ZambaLM",
     "LMCache",
     "generate",
     "prefill",
     "sample_logits",
+    "load_timm_weights",
+    "register_timm_converter",
     "LayerStack",
     "remat_policy",
 ]

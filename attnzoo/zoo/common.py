@@ -23,10 +23,11 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import spmd
 
-from attnzoo.layers.common import MLP
+from attnzoo.layers.common import MLP, compute_dtype
 from attnzoo.pallas_kernels.common import check_int
 
-__all__ = ["REMAT_POLICIES", "remat_policy", "LayerStack", "mixer_flops", "mlp_flops", "build_from_preset"]
+__all__ = ["REMAT_POLICIES", "remat_policy", "LayerStack", "mixer_flops", "mlp_flops", "build_from_preset",
+           "feature_indices", "classifier_logits"]
 
 LAYERS_AXIS = "layers"
 _STACK_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
@@ -220,3 +221,33 @@ def build_from_preset(
             f"{cls.__name__} accepts {', '.join(accepted)}"
         )
     return cls(**{**preset, **overrides}, rngs=rngs)
+
+
+def feature_indices(owner: str, count: int, indices) -> list[int]:
+    """The positions ``forward_intermediates`` returns, as timm's ``feature_take_indices``: None = all
+    ``count``, an int ``n`` = the last ``n``, a sequence = those (negative counts from the end),
+    each in ``[0, count)`` and in the given order; anything else raises ``ValueError`` naming ``owner``."""
+    if indices is None:
+        return list(range(count))
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 1 <= indices <= count:
+            raise ValueError(f"{owner}: an int indices takes the last n of {count}, n in [1, {count}], got {indices}")
+        return list(range(count - indices, count))
+    if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
+        raise ValueError(f"{owner}: indices must be None, an int or a sequence of ints, got {indices!r}")
+    chosen = []
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:
+            raise ValueError(f"{owner}: indices must be ints in [-{count}, {count}), got {list(indices)!r}")
+        chosen.append(index % count)
+    return chosen
+
+
+def classifier_logits(head, pooled: jax.Array, dtype, param_dtype, logits_dtype) -> jax.Array:
+    """A classifier head's ``pooled [B, D] @ head.kernel [D, K] + head.bias`` with operands in the
+    compute dtype (``dtype``, or the promotion of ``pooled`` and ``param_dtype``), accumulated in
+    at least float32 and returned in ``logits_dtype``."""
+    dtype = compute_dtype(dtype, pooled, param_dtype)
+    accumulate = jnp.promote_types(dtype, jnp.float32)
+    logits = jnp.dot(pooled.astype(dtype), head.kernel[...].astype(dtype), preferred_element_type=accumulate)
+    return (logits + head.bias[...].astype(accumulate)).astype(logits_dtype)

@@ -273,7 +273,7 @@ def load_hf_minimax_lightning_attention(module, state_dict: Mapping[str, np.ndar
     return read.finish(strict)
 
 
-def _load_stacked(stack, load_repeat) -> None:
+def load_stacked(stack, load_repeat) -> None:
     """Calls ``load_repeat(k, layer)`` on a standalone copy of each repeat ``k`` of a
     :class:`attnzoo.zoo.common.LayerStack` and writes the loaded parameters back into the stack."""
     loaded = []
@@ -369,7 +369,7 @@ def load_hf_zamba2(model, state_dict: Mapping[str, np.ndarray], prefix: str = ""
             load_hf_mamba2_mixer(layer.mixer, state_dict, read.prefix + f"{key}mamba.", strict=False)
             read.used.update(k2 for k2 in state_dict if k2.startswith(mixer_read.prefix))
 
-    _load_stacked(model.blocks, load_repeat)
+    load_stacked(model.blocks, load_repeat)
     # A shared block's adapter lists hold every one of its calls' adapters, so each adapter also
     # appears under the other layers that share the block: those copies must equal the converted one.
     pattern = re.compile(r"model\.layers\.(\d+)\.shared_transformer\.(.*_adapter_list)\.(\d+)\.(.*)")

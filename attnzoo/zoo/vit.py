@@ -28,10 +28,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnzoo.layers import MLP, Dense, LayerNorm, create_mixer, get_mixer_class
-from attnzoo.layers.common import DType, compute_dtype, partitioned
+from attnzoo.layers.common import DType, partitioned
 from attnzoo.pallas_kernels.common import check_int
-from attnzoo.zoo.common import LayerStack, build_from_preset, mixer_flops, mlp_flops
+from attnzoo.zoo.common import (
+    LayerStack,
+    build_from_preset,
+    classifier_logits,
+    feature_indices,
+    mixer_flops,
+    mlp_flops,
+)
+from attnzoo.zoo.convert import assign, linear_kernel, load_stacked
 from attnzoo.zoo.registry import register_model
+from attnzoo.zoo.timm_convert import load_dense, load_layer_norm, register_timm_converter
 
 __all__ = ["VisionTransformer", "ViTBlock"]
 
@@ -97,6 +106,9 @@ class VisionTransformer(nnx.Module):
         True exactly for ``global_pool="avg"``.
       qkv_bias: bias on q/k/v projections (attention mixer).
       norm_eps: LayerNorm epsilon (timm: 1e-6).
+      features_only: build a feature extractor (timm's ``features_only``): no head and no final
+        norm; calling the model returns every block's output as ``[B, H/p, W/p, D]`` maps (NHWC),
+        one per ``feature_info`` entry.
       remat: remat policy name per block ("none", "full", "dots", "dots_no_batch", "save_nothing").
       scan_layers: apply the blocks with ``nnx.scan`` (True) or a Python loop (False); the same
         parameters either way.
@@ -122,6 +134,7 @@ class VisionTransformer(nnx.Module):
         fc_norm: bool | None = None,
         qkv_bias: bool = True,
         norm_eps: float = 1e-6,
+        features_only: bool = False,
         remat: str = "none",
         scan_layers: bool = True,
         dtype: DType | None = None,
@@ -170,6 +183,10 @@ class VisionTransformer(nnx.Module):
         self.num_tokens = self.num_patches + self.num_prefix_tokens
         self.global_pool = global_pool
         use_fc_norm = global_pool == "avg" if fc_norm is None else bool(fc_norm)
+        if not isinstance(features_only, bool):
+            raise TypeError(f"{owner}: features_only must be a bool, got {type(features_only).__name__}")
+        self.features_only = features_only
+        self.num_features = self.dim
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.logits_dtype = jnp.dtype(logits_dtype)
@@ -197,9 +214,30 @@ class VisionTransformer(nnx.Module):
 
         self.blocks = LayerStack(make_block, depth, remat=remat, scan_layers=scan_layers, rngs=rngs)
         norm = dict(epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.norm = None if use_fc_norm else LayerNorm(dim, **norm)
-        self.fc_norm = LayerNorm(dim, **norm) if use_fc_norm else None
-        self.head = Dense(dim, num_classes, logical_axes=("embed", None), use_bias=True, **dense) if num_classes else None
+        self.norm = None if use_fc_norm or features_only else LayerNorm(dim, **norm)
+        self.fc_norm = LayerNorm(dim, **norm) if use_fc_norm and not features_only else None
+        self.head = nnx.data(None)
+        if not features_only:
+            self.reset_classifier(num_classes, rngs=rngs)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, *, rngs: nnx.Rngs | None = None) -> None:
+        """Replaces the head by a fresh one with ``num_classes`` outputs (0 = no head: the model
+        returns pooled features); ``global_pool`` optionally switches "token" / "avg" pooling."""
+        owner = "VisionTransformer.reset_classifier"
+        if self.features_only:
+            raise ValueError(f"{owner}: a features_only model has no classifier")
+        self.num_classes = check_int(owner, "num_classes", num_classes, minimum=0)
+        if global_pool is not None:
+            if global_pool not in ("token", "avg") or (global_pool == "token" and not self.class_token):
+                raise ValueError(f"{owner}: global_pool must be 'avg' or (with a class token) 'token', got {global_pool!r}")
+            self.global_pool = global_pool
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.head = nnx.data(
+            Dense(self.dim, num_classes, logical_axes=("embed", None), use_bias=True, dtype=self.dtype,
+                  param_dtype=self.param_dtype, rngs=rngs)
+            if num_classes
+            else None
+        )
 
     # ------------------------------------------------------------------------------------------
     # timm's feature contract
@@ -258,15 +296,13 @@ class VisionTransformer(nnx.Module):
             pooled = self.fc_norm(pooled)
         if pre_logits or self.head is None:
             return pooled
-        dtype = compute_dtype(self.dtype, pooled, self.param_dtype)
-        accumulate = jnp.promote_types(dtype, jnp.float32)
-        logits = jnp.einsum(
-            "bd,dc->bc", pooled.astype(dtype), self.head.kernel[...].astype(dtype), preferred_element_type=accumulate
-        )
-        return (logits + self.head.bias[...].astype(accumulate)).astype(self.logits_dtype)
+        return classifier_logits(self.head, pooled, self.dtype, self.param_dtype, self.logits_dtype)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        """images ``[B,H,W,C]`` (NHWC, floating) -> logits ``[B, num_classes]`` in ``logits_dtype``."""
+    def __call__(self, images: jax.Array) -> jax.Array | list[jax.Array]:
+        """images ``[B,H,W,C]`` (NHWC, floating) -> logits ``[B, num_classes]`` in ``logits_dtype``
+        (with ``features_only``: the list of block outputs ``[B, H/p, W/p, D]``)."""
+        if self.features_only:
+            return self.forward_intermediates(images, output_fmt="NHWC")
         return self.forward_head(self.forward_features(images))
 
     def forward_intermediates(
@@ -295,18 +331,7 @@ class VisionTransformer(nnx.Module):
         owner = "VisionTransformer.forward_intermediates"
         if output_fmt not in ("NLC", "NHWC"):
             raise ValueError(f"{owner}: output_fmt must be 'NLC' or 'NHWC', got {output_fmt!r}")
-        if indices is None:
-            chosen = list(range(self.depth))
-        elif isinstance(indices, int) and not isinstance(indices, bool):
-            if not 1 <= indices <= self.depth:
-                raise ValueError(f"{owner}: an int indices takes the last n blocks, n in [1, {self.depth}], got {indices}")
-            chosen = list(range(self.depth - indices, self.depth))
-        else:
-            chosen = []
-            for index in indices:
-                if isinstance(index, bool) or not isinstance(index, int) or not -self.depth <= index < self.depth:
-                    raise ValueError(f"{owner}: indices must be ints in [-{self.depth}, {self.depth}), got {list(indices)!r}")
-                chosen.append(index % self.depth)
+        chosen = feature_indices(owner, self.depth, indices)
         final, per_block = self.blocks(self._embed(images), return_all=True)
         normed = self.norm if self.norm is not None else self.fc_norm
         outputs = []
@@ -383,3 +408,53 @@ def vit_base_patch16_224(*, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
     """ViT-B/16 at 224 (timm ``vit_base_patch16_224``): D 768, 12 blocks, 12 heads; 86,567,656 params."""
     preset = dict(_VIT_BASE, dim=768, depth=12, num_heads=12)
     return build_from_preset(VisionTransformer, "vit_base_patch16_224", preset, overrides, rngs)
+
+
+# ----------------------------------------------------------------------------------------------
+# timm checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+@register_timm_converter(VisionTransformer)
+def _load_timm_vit(model: VisionTransformer, read) -> None:
+    """timm ``VisionTransformer`` (attention mixer) -> :class:`VisionTransformer`.
+
+    ``patch_embed.proj.weight [D, C, ph, pw]`` becomes the patch kernel ``[(i*pw + j)*C + c, D]``;
+    ``blocks.{i}.attn.qkv.weight [3D, D]`` splits by rows into q, k, v (each head-major, ``[H, hd]``);
+    ``attn.proj`` -> ``o_proj``; ``mlp.fc1`` / ``fc2`` -> ``mlp.up`` / ``down``.
+    """
+    if model.mixer_name != "attention":
+        raise TypeError(f"load_timm_weights: a timm ViT has attention blocks; this model's mixer is {model.mixer_name!r}")
+    owner, dim = read.owner, model.dim
+    (ph, pw), channels = model.patch_size, model.in_chans
+    weight = read("patch_embed.proj.weight", (dim, channels, ph, pw))
+    assign(model.patch_embed.kernel, weight.transpose(2, 3, 1, 0).reshape(ph * pw * channels, dim), "patch_embed.kernel", owner)
+    assign(model.patch_embed.bias, read("patch_embed.proj.bias", (dim,)), "patch_embed.bias", owner)
+    if model.cls_token is not None:
+        assign(model.cls_token, read("cls_token", (1, 1, dim)), "cls_token", owner)
+    assign(model.pos_embed, read("pos_embed", (1, model.num_tokens, dim)), "pos_embed", owner)
+
+    def load_block(index: int, block: ViTBlock) -> None:
+        name = f"blocks.{index}"
+        load_layer_norm(read, block.norm1, f"{name}.norm1")
+        load_layer_norm(read, block.norm2, f"{name}.norm2")
+        attn = block.mixer
+        qkv_weight = read(f"{name}.attn.qkv.weight", (3 * dim, dim))
+        qkv_bias = read(f"{name}.attn.qkv.bias", (3 * dim,)) if attn.q_proj.bias is not None else None
+        for part, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+            rows = slice(part * dim, (part + 1) * dim)
+            what = f"{name}.mixer.{('q', 'k', 'v')[part]}_proj"
+            assign(proj.kernel, linear_kernel(qkv_weight[rows], proj.in_features, proj.out_features), f"{what}.kernel", owner)
+            if qkv_bias is not None:
+                assign(proj.bias, qkv_bias[rows].reshape(proj.out_features), f"{what}.bias", owner)
+        load_dense(read, attn.o_proj, f"{name}.attn.proj", f"{name}.mixer.o_proj")
+        load_dense(read, block.mlp.up, f"{name}.mlp.fc1", f"{name}.mlp.up")
+        load_dense(read, block.mlp.down, f"{name}.mlp.fc2", f"{name}.mlp.down")
+
+    load_stacked(model.blocks, load_block)
+    if model.norm is not None:
+        load_layer_norm(read, model.norm, "norm")
+    if model.fc_norm is not None:
+        load_layer_norm(read, model.fc_norm, "fc_norm")
+    if model.head is not None:
+        load_dense(read, model.head, "head")

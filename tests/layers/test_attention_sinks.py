@@ -5,7 +5,6 @@ tokens stay in view beyond the window (Hymba's meta tokens; ``HymbaFlexAttention
 ``modeling_hymba.py`` of nvidia/Hymba-1.5B-Base builds ``causal & ((q - kv <= w) | (kv < M))``).
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

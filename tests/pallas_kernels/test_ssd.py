@@ -8,7 +8,6 @@ initial states, packed sequences and segment restarts; decoding steps reproduce 
 kernels lower for TPU and GPU, forward and backward.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Builds both zoo models under an 8-device CPU mesh; executed in a subprocess by test_mesh.py.
+"""Builds zoo models (ViT, Swin, DiNAT, MaxViT, LM) under an 8-device CPU mesh; executed in a subprocess by test_mesh.py.
 
 It needs ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` set before JAX is imported, which
 a pytest process that already imported JAX cannot do. For each model: parameters created under
@@ -39,6 +39,24 @@ CASES = {
         name="vit_tiny_patch16_224",
         overrides=dict(img_size=32, patch_size=8, dim=32, depth=2, num_heads=4, num_classes=64),
         inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+    ),
+    # Vision backbones: heads divisible by the tensor axis (2) in every stage.
+    "swin": dict(
+        name="swin_tiny_patch4_window7_224",
+        overrides=dict(img_size=32, embed_dim=16, depths=(2, 1), num_heads=(2, 4), window_size=4, num_classes=10),
+        inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+    ),
+    "dinat": dict(
+        name="dinat_mini",
+        overrides=dict(img_size=32, embed_dim=16, depths=(2, 1), num_heads=(2, 4), num_classes=10,
+                       block_options=[[{"dilation": 1}, {"dilation": 2}], [{"dilation": 1}]]),
+        inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+    ),
+    "maxvit": dict(
+        name="maxvit_tiny_tf_224",
+        overrides=dict(img_size=64, embed_dims=(32, 64), depths=(1, 1), stem_width=16, head_dim=16,
+                       head_hidden_size=32, num_classes=10),
+        inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 64, 64, 3)), jnp.float32),
     ),
     "lm": dict(
         name="lm_nano",

@@ -6,7 +6,6 @@ tolerance. torch and transformers are not dependencies of attnzoo: these tests s
 them, and ``make test`` runs them in their own environment (``make test-parity``).
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,15 +14,12 @@ from flax import nnx
 from attnzoo import layers
 from attnzoo.pallas_kernels.testing import assert_close
 from attnzoo.zoo import convert
+from tests.zoo.torch_testing import numpy_state
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.parity
-
-
-def numpy_state(module) -> dict[str, np.ndarray]:
-    return {name: value.detach().to(torch.float32).numpy() for name, value in module.state_dict().items()}
 
 
 def randomize_torch(module, seed: int, scale: float = 0.3):

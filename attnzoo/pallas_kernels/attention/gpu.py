@@ -37,7 +37,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from attnzoo.pallas_kernels.attention.masks import EMPTY, FULL, block_metadata
+from attnzoo.pallas_kernels.attention.masks import EMPTY, FULL, block_metadata, floor_div
 from attnzoo.pallas_kernels.attention.flash_common import (
     MASK_VALUE,
     NT,
@@ -308,7 +308,7 @@ def _forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig, interpret):
     kv_index, kv_counts, _, _, steps, _ = _walks(
         cfg.mask, cfg.q_len, cfg.kv_len, bq, cfg.block_kv, cfg.use_segments
     )
-    kv_map = lambda i, b, h: (b, 0, jax.lax.div(h, group), 0)
+    kv_map = lambda i, b, h: (b, 0, floor_div(h, group), 0)
     q_map = lambda i, b, h: (b, i, h, 0)
     with _precision(q.dtype):
         out, lse = pl.pallas_call(
@@ -352,7 +352,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg: KernelConfig,
     dop = _pad(d_out, bq, dvp)
 
     q_map = lambda i, b, h: (b, i, h, 0)
-    kv_map = lambda i, b, h: (b, 0, jax.lax.div(h, group), 0)
+    kv_map = lambda i, b, h: (b, 0, floor_div(h, group), 0)
     row_map = lambda i, b, h: (b, h, i)
     with _precision(q.dtype):
         dq = pl.pallas_call(

@@ -31,7 +31,7 @@ from attnzoo.pallas_kernels.attention.flash_common import (
     flash_vjp,
     tile_scores,
 )
-from attnzoo.pallas_kernels.attention.masks import FULL, PARTIAL, block_metadata
+from attnzoo.pallas_kernels.attention.masks import FULL, PARTIAL, block_metadata, floor_div
 from attnzoo.pallas_kernels.common import fit_block, pad_axis
 
 def _when_visible(kind, body):
@@ -183,7 +183,7 @@ def _forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig, interpret):
     steps = meta.kv_index.shape[1]
 
     def kv_map(b, h, i, s, kv_index, kv_kind):
-        return (b, jax.lax.div(h, group), kv_index[i * steps + s], 0)
+        return (b, floor_div(h, group), kv_index[i * steps + s], 0)
 
     def kv_seg_map(b, h, i, s, kv_index, kv_kind):
         return (b, 0, kv_index[i * steps + s])
@@ -240,7 +240,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg: KernelConfig,
     steps = meta.kv_index.shape[1]
 
     def kv_map(b, h, i, s, kv_index, kv_kind):
-        return (b, jax.lax.div(h, group), kv_index[i * steps + s], 0)
+        return (b, floor_div(h, group), kv_index[i * steps + s], 0)
 
     q_map = lambda b, h, i, s, *_: (b, h, i, 0)
     dq = pl.pallas_call(
