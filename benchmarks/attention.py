@@ -449,4 +449,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from attnzoo.runtime import reexec_with_hugepages
+
+    reexec_with_hugepages()  # XLA:CPU's per-call buffers without page faults (attnzoo/runtime.py)
     sys.exit(main())

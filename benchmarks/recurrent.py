@@ -707,4 +707,7 @@ def _mib(x):
 
 
 if __name__ == "__main__":
+    from attnzoo.runtime import reexec_with_hugepages
+
+    reexec_with_hugepages()  # XLA:CPU's per-call buffers without page faults (attnzoo/runtime.py)
     sys.exit(main())

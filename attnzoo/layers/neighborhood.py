@@ -34,6 +34,7 @@ from attnzoo.layers.common import (
     DType,
     Dense,
     MeshAxes,
+    as_pair,
     check_bool,
     check_input,
     partitioned,
@@ -46,15 +47,6 @@ from attnzoo.pallas_kernels.common import check_float, check_int
 __all__ = ["NeighborhoodAttention2D"]
 
 _OWNER = "NeighborhoodAttention2D"
-
-
-def _pair(name: str, value, check) -> tuple:
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{_OWNER}: {name} must be a single value or a (height, width) pair, got {value!r}")
-        return (check(f"{name}[0]", value[0]), check(f"{name}[1]", value[1]))
-    item = check(name, value)
-    return (item, item)
 
 
 @register_mixer("neighborhood_attention")
@@ -105,11 +97,11 @@ class NeighborhoodAttention2D(nnx.Module):
         if self.dim % self.num_heads:
             raise ValueError(f"{_OWNER}: num_heads ({self.num_heads}) must divide dim ({self.dim})")
         self.head_dim = self.dim // self.num_heads
-        positive = lambda name, value: check_int(_OWNER, name, value)
-        self.kernel_size = _pair("kernel_size", kernel_size, positive)
-        self.dilation = _pair("dilation", dilation, positive)
-        self.stride = _pair("stride", stride, positive)
-        self.is_causal = _pair("is_causal", is_causal, lambda name, value: check_bool(_OWNER, name, value))
+        pair = dict(single="a single value")
+        self.kernel_size = as_pair(_OWNER, "kernel_size", kernel_size, **pair)
+        self.dilation = as_pair(_OWNER, "dilation", dilation, **pair)
+        self.stride = as_pair(_OWNER, "stride", stride, **pair)
+        self.is_causal = as_pair(_OWNER, "is_causal", is_causal, check=check_bool, **pair)
         for axis in range(2):
             if self.stride[axis] > self.kernel_size[axis]:
                 raise ValueError(

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnzoo.layers.common import DType, Dense, check_choice, check_input, compute_dtype, partitioned
+from attnzoo.layers.common import DType, Dense, as_pair, check_choice, check_input, compute_dtype, partitioned
 from attnzoo.layers.registry import register_mixer
 from attnzoo.pallas_kernels.common import check_float, check_int
 
@@ -71,17 +71,6 @@ __all__ = [
 ]
 
 MASK_VALUE = -100.0  # Swin's additive score for query/key pairs from different regions of a shifted window
-
-
-def as_pair(owner: str, name: str, value, *, minimum: int = 1) -> tuple[int, int]:
-    """An int or a pair of ints (each ``>= minimum``) as ``(height, width)``."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{owner}: {name} must be an int or a (height, width) pair, got {value!r}")
-        return (check_int(owner, f"{name}[0]", value[0], minimum=minimum),
-                check_int(owner, f"{name}[1]", value[1], minimum=minimum))
-    value = check_int(owner, name, value, minimum=minimum)
-    return value, value
 
 
 def _check_map(owner: str, x, size: tuple[int, int], what: str) -> tuple[int, int]:

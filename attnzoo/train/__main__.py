@@ -37,4 +37,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from attnzoo.runtime import reexec_with_hugepages
+
+    reexec_with_hugepages()  # XLA:CPU's per-step buffers without page faults (attnzoo/runtime.py)
     app.run(main)

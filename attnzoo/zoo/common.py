@@ -1,4 +1,5 @@
-"""Pieces the backbones share: stacked layers applied by scan or loop, remat policies, presets.
+"""Pieces the backbones share: stacked layers applied by scan or loop, remat policies, presets,
+and timm's image-model contract (:class:`TimmVisionModel`).
 
 A :class:`LayerStack` holds ``N`` identical layers as one module whose parameters have a leading
 ``[N]`` axis (logical name ``"layers"``). It is built with ``nnx.split_rngs`` + ``nnx.vmap`` and
@@ -16,18 +17,18 @@ parameter structure, so one set of parameters can be applied both ways.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import spmd
 
-from attnzoo.layers.common import MLP, compute_dtype
+from attnzoo.layers.common import MLP, Dense, compute_dtype
 from attnzoo.pallas_kernels.common import check_int
 
 __all__ = ["REMAT_POLICIES", "remat_policy", "LayerStack", "mixer_flops", "mlp_flops", "build_from_preset",
-           "feature_indices", "classifier_logits"]
+           "feature_indices", "classifier_logits", "global_avg_pool", "TimmVisionModel"]
 
 LAYERS_AXIS = "layers"
 _STACK_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
@@ -251,3 +252,153 @@ def classifier_logits(head, pooled: jax.Array, dtype, param_dtype, logits_dtype)
     accumulate = jnp.promote_types(dtype, jnp.float32)
     logits = jnp.dot(pooled.astype(dtype), head.kernel[...].astype(dtype), preferred_element_type=accumulate)
     return (logits + head.bias[...].astype(accumulate)).astype(logits_dtype)
+
+
+def global_avg_pool(features: jax.Array) -> jax.Array:
+    """``features [B, h, w, C] -> [B, C]``: the mean over h and w, accumulated in at least float32
+    and returned in the features' dtype."""
+    accumulate = jnp.promote_types(features.dtype, jnp.float32)
+    return jnp.mean(features.astype(accumulate), axis=(1, 2)).astype(features.dtype)
+
+
+class TimmVisionModel(nnx.Module):
+    """timm's contract of an NHWC image model: ``__call__``, ``forward_head``,
+    ``forward_intermediates``, ``reset_classifier`` and the image check, written once.
+
+    A subclass sets ``_owner`` (its name in error messages) and ``output_fmts`` (the formats of
+    ``forward_intermediates``, default ``("NHWC", "NCHW")``); it has the attributes
+    ``img_size (H, W)``, ``in_chans``, ``num_features``, ``features_only``, ``head`` (a
+    :class:`attnzoo.layers.Dense` or None), ``num_classes``, ``dtype``, ``param_dtype`` and
+    ``logits_dtype``, and the methods ``forward_features(images)``, ``feature_info`` (one entry
+    per feature map ``forward_intermediates`` can return) and the hooks below:
+
+    * ``_feature_maps(images, last)``: feature maps ``0 .. last`` (indices of ``feature_info``);
+    * ``_pre_logits(features)``: ``forward_features``' output -> the classifier's input ``[B, width]``;
+    * ``_set_global_pool(owner, global_pool)``: checks (and applies) a new pooling;
+    * optional: ``_final_norm``, ``_intermediate_norm``, ``_to_output_fmt``, ``_check_output_fmt``,
+      ``_classifier_input``.
+    """
+
+    _owner: str = "TimmVisionModel"
+    output_fmts: tuple[str, ...] = ("NHWC", "NCHW")
+
+    def _check_images(self, images) -> None:
+        owner = self._owner
+        if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+            raise TypeError(f"{owner}: images must be an array [B,H,W,C], got {type(images).__name__}")
+        want = (*self.img_size, self.in_chans)
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(
+                f"{owner}: images must have shape [B,H,W,C] = [B, {want[0]}, {want[1]}, {want[2]}] (NHWC), "
+                f"got {tuple(images.shape)}"
+            )
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise TypeError(f"{owner}: images must have a floating dtype, got {images.dtype}")
+
+    def _check_feature_map(self, features) -> None:
+        """Raises unless ``features`` is ``[B, h, w, num_features]`` (``forward_head``'s input)."""
+        if not hasattr(features, "shape") or features.ndim != 4 or features.shape[-1] != self.num_features:
+            raise ValueError(
+                f"{self._owner}.forward_head: features must have shape [B, h, w, {self.num_features}], "
+                f"got {getattr(features, 'shape', type(features).__name__)}"
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # Classifier
+    # ------------------------------------------------------------------------------------------
+
+    def _classifier_input(self) -> tuple[int, str]:
+        """Hook: width and logical axis name of the classifier's input."""
+        return self.num_features, "embed"
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, *, rngs: nnx.Rngs | None = None) -> None:
+        """Replaces the classifier (the head's last Dense) by a fresh one with ``num_classes``
+        outputs; 0 = none (the model returns its pooled, pre-logits features). ``global_pool``
+        optionally switches the pooling among the model's choices (``_set_global_pool``)."""
+        owner = f"{self._owner}.reset_classifier"
+        if self.features_only:
+            raise ValueError(f"{owner}: a features_only model has no classifier")
+        num_classes = check_int(owner, "num_classes", num_classes, minimum=0)
+        if global_pool is not None:
+            self._set_global_pool(owner, global_pool)
+        self.num_classes = num_classes
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        width, axis = self._classifier_input()
+        self.head = nnx.data(
+            Dense(width, num_classes, logical_axes=(axis, None), use_bias=True, dtype=self.dtype,
+                  param_dtype=self.param_dtype, rngs=rngs)
+            if num_classes
+            else None
+        )
+
+    def forward_head(self, features: jax.Array, pre_logits: bool = False) -> jax.Array:
+        """features (``forward_features``' output) -> logits ``[B, num_classes]`` in ``logits_dtype``
+        (the pooled, pre-logits features ``[B, width]`` when ``pre_logits`` or without a classifier)."""
+        pooled = self._pre_logits(features)
+        if pre_logits or self.head is None:
+            return pooled
+        return classifier_logits(self.head, pooled, self.dtype, self.param_dtype, self.logits_dtype)
+
+    def __call__(self, images: jax.Array) -> jax.Array | list[jax.Array]:
+        """images ``[B,H,W,C]`` (NHWC, floating) -> logits ``[B, num_classes]`` in ``logits_dtype``
+        (with ``features_only``: the list of feature maps, one per ``feature_info`` entry, NHWC)."""
+        if self.features_only:
+            return self.forward_intermediates(images, output_fmt="NHWC")
+        return self.forward_head(self.forward_features(images))
+
+    # ------------------------------------------------------------------------------------------
+    # Intermediate features
+    # ------------------------------------------------------------------------------------------
+
+    def _final_norm(self, x: jax.Array) -> jax.Array:
+        """Hook: the norm ``forward_features`` applies after the last feature map (default none)."""
+        return x
+
+    def _intermediate_norm(self, owner: str, norm) -> Callable[[int, jax.Array], jax.Array] | None:
+        """Hook: what ``norm`` does, ``fn(index, feature_map)`` or None (the default: nothing)."""
+        return None
+
+    def _check_output_fmt(self, owner: str, output_fmt) -> None:
+        if output_fmt not in self.output_fmts:
+            raise ValueError(f"{owner}: output_fmt must be {' or '.join(map(repr, self.output_fmts))}, got {output_fmt!r}")
+
+    def _to_output_fmt(self, x: jax.Array, output_fmt: str) -> jax.Array:
+        """Hook: a feature map ``[B, h, w, C]`` in ``output_fmt`` ("NHWC" or "NCHW")."""
+        return jnp.transpose(x, (0, 3, 1, 2)) if output_fmt == "NCHW" else x
+
+    def forward_intermediates(
+        self,
+        images: jax.Array,
+        indices: int | Sequence[int] | None = None,
+        *,
+        norm: bool = False,
+        output_fmt: str = "NHWC",
+        intermediates_only: bool = True,
+    ):
+        """Selected feature maps, ``feature_info[i]`` for index ``i`` (timm's ``forward_intermediates``).
+
+        Args:
+          images: ``[B,H,W,C]``.
+          indices: feature indices (negative count from the end), an int ``n`` = the last ``n``,
+            or None = all (as ``feature_info``).
+          norm: apply the model's final norm where timm does (the model's ``_intermediate_norm``).
+          output_fmt: one of the model's ``output_fmts``: ``"NHWC"`` (``[B, h_i, w_i, C_i]``) or
+            ``"NCHW"``.
+          intermediates_only: return only the list (maps after the last requested one may not be
+            computed); else ``(forward_features(images), list)``.
+
+        Returns a list (in the order of ``indices``) of arrays in the compute dtype.
+        """
+        owner = f"{self._owner}.forward_intermediates"
+        self._check_output_fmt(owner, output_fmt)
+        norm_fn = self._intermediate_norm(owner, norm)
+        count = len(self.feature_info)
+        chosen = feature_indices(owner, count, indices)
+        features = self._feature_maps(images, max(chosen) if intermediates_only else count - 1)
+        maps = []
+        for index in chosen:
+            out = features[index] if norm_fn is None else norm_fn(index, features[index])
+            maps.append(self._to_output_fmt(out, output_fmt))
+        if intermediates_only:
+            return maps
+        return self._final_norm(features[-1]), maps

@@ -43,11 +43,10 @@ import numpy as np
 from flax import nnx
 
 from attnzoo.layers import MLP, Dense, LayerNorm, create_mixer, get_mixer_class
-from attnzoo.layers.common import DType, check_bool
+from attnzoo.layers.common import DType, as_pair, check_bool
 from attnzoo.layers.conv import ACTIVATIONS, BatchNorm, Conv2d, MBConv
-from attnzoo.layers.window import as_pair
 from attnzoo.pallas_kernels.common import check_int
-from attnzoo.zoo.common import build_from_preset, classifier_logits, feature_indices, mlp_flops, remat_policy
+from attnzoo.zoo.common import TimmVisionModel, build_from_preset, global_avg_pool, mlp_flops, remat_policy
 from attnzoo.zoo.convert import assign
 from attnzoo.zoo.registry import register_model
 from attnzoo.zoo.timm_convert import conv_kernel, load_dense, load_layer_norm, register_timm_converter
@@ -206,7 +205,7 @@ def _per_mixer(owner: str, name: str, value, count: int) -> list[dict[str, Any]]
     )
 
 
-class MaxViT(nnx.Module):
+class MaxViT(TimmVisionModel):
     """timm's MaxViT (``maxvit_*_tf``) with swappable 2-D mixers, NHWC images.
 
     Args:
@@ -236,6 +235,8 @@ class MaxViT(nnx.Module):
       param_dtype: parameter dtype. logits_dtype: dtype of the logits (default float32).
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
+
+    _owner = "MaxViT"
 
     def __init__(
         self,
@@ -380,25 +381,15 @@ class MaxViT(nnx.Module):
                     )
         return tuple(mixers), options
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None, *,
-                         rngs: nnx.Rngs | None = None) -> None:
-        """Replaces the classifier (the last Dense of the head) by a fresh one with ``num_classes``
-        outputs; 0 = none (the model returns the pre-logits features). The head's norm and pre-logits
-        layer stay. ``global_pool`` may only be ``"avg"`` (the only pooling of this head)."""
-        owner = "MaxViT.reset_classifier"
-        if self.features_only:
-            raise ValueError(f"{owner}: a features_only model has no classifier")
-        if global_pool not in (None, "avg"):
+    def _set_global_pool(self, owner: str, global_pool: str) -> None:
+        """``reset_classifier``'s ``global_pool`` may only be "avg" (the only pooling of this head)."""
+        if global_pool != "avg":
             raise ValueError(f"{owner}: global_pool must be None or 'avg', got {global_pool!r}")
-        self.num_classes = check_int(owner, "num_classes", num_classes, minimum=0)
-        rngs = nnx.Rngs(0) if rngs is None else rngs
-        width = self.head_width
-        self.head = nnx.data(
-            Dense(width, num_classes, logical_axes=("mlp" if self.pre_logits is not None else "embed", None),
-                  use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
-            if num_classes
-            else None
-        )
+
+    def _classifier_input(self) -> tuple[int, str]:
+        """The classifier reads the pre-logits features; ``reset_classifier`` keeps the head's norm
+        and pre-logits layer."""
+        return self.head_width, "mlp" if self.pre_logits is not None else "embed"
 
     @property
     def head_width(self) -> int:
@@ -417,26 +408,14 @@ class MaxViT(nnx.Module):
             info.append(dict(num_chs=dim, reduction=2 ** (index + 2), module=f"stages.{index}"))
         return info
 
-    def _check_images(self, images) -> None:
-        owner = "MaxViT"
-        if not hasattr(images, "shape") or not hasattr(images, "dtype"):
-            raise TypeError(f"{owner}: images must be an array [B,H,W,C], got {type(images).__name__}")
-        want = (*self.img_size, self.in_chans)
-        if images.ndim != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(
-                f"{owner}: images must have shape [B,H,W,C] = [B, {want[0]}, {want[1]}, {want[2]}] (NHWC), "
-                f"got {tuple(images.shape)}"
-            )
-        if not jnp.issubdtype(images.dtype, jnp.floating):
-            raise TypeError(f"{owner}: images must have a floating dtype, got {images.dtype}")
-
     def _run_blocks(self, x: jax.Array, stage: MaxViTStage) -> jax.Array:
         for block in stage.blocks:
             x = _apply_rematerialised(block, x, self.remat_policy) if self.use_remat else block(x)
         return x
 
-    def _features(self, images: jax.Array, last: int) -> list[jax.Array]:
-        """Outputs of the stem (index 0) and the stages (1..) up to index ``last``."""
+    def _feature_maps(self, images: jax.Array, last: int) -> list[jax.Array]:
+        """Outputs of the stem (index 0) and the stages (1..) up to index ``last`` (later stages are
+        not run), as ``feature_info``."""
         self._check_images(images)
         x = self.stem(images)
         outputs = [x]
@@ -447,70 +426,22 @@ class MaxViT(nnx.Module):
 
     def forward_features(self, images: jax.Array) -> jax.Array:
         """images ``[B,H,W,C]`` -> the last stage's output ``[B, H/32, W/32, num_features]`` (NHWC)."""
-        return self._features(images, len(self.stages))[-1]
+        return self._feature_maps(images, len(self.stages))[-1]
 
-    def forward_head(self, features: jax.Array, pre_logits: bool = False) -> jax.Array:
-        """features ``[B, h, w, num_features]`` -> logits ``[B, num_classes]`` in ``logits_dtype``
-        (``[B, head_width]`` pre-logits features when ``pre_logits`` or ``num_classes == 0``)."""
-        owner = "MaxViT.forward_head"
+    def _pre_logits(self, features: jax.Array) -> jax.Array:
+        """features ``[B, h, w, num_features]`` -> ``[B, head_width]``: mean over h, w -> ``head_norm``
+        -> ``tanh(pre_logits(.))`` when there is a pre-logits layer (``forward_head``)."""
         if self.features_only:
-            raise ValueError(f"{owner}: a features_only model has no head")
-        if not hasattr(features, "shape") or features.ndim != 4 or features.shape[-1] != self.num_features:
-            raise ValueError(
-                f"{owner}: features must have shape [B, h, w, {self.num_features}], "
-                f"got {getattr(features, 'shape', type(features).__name__)}"
-            )
-        accumulate = jnp.promote_types(features.dtype, jnp.float32)
-        pooled = jnp.mean(features.astype(accumulate), axis=(1, 2)).astype(features.dtype)
-        x = self.head_norm(pooled)
-        if self.pre_logits is not None:
-            x = jnp.tanh(self.pre_logits(x))
-        if pre_logits or self.head is None:
-            return x
-        return classifier_logits(self.head, x, self.dtype, self.param_dtype, self.logits_dtype)
+            raise ValueError(f"{self._owner}.forward_head: a features_only model has no head")
+        self._check_feature_map(features)
+        x = self.head_norm(global_avg_pool(features))
+        return x if self.pre_logits is None else jnp.tanh(self.pre_logits(x))
 
-    def __call__(self, images: jax.Array) -> jax.Array | list[jax.Array]:
-        """images ``[B,H,W,C]`` (NHWC, floating) -> logits ``[B, num_classes]`` in ``logits_dtype``
-        (with ``features_only``: the list of the stem's and stages' outputs, NHWC)."""
-        if self.features_only:
-            return self.forward_intermediates(images)
-        return self.forward_head(self.forward_features(images))
-
-    def forward_intermediates(
-        self,
-        images: jax.Array,
-        indices: int | Sequence[int] | None = None,
-        *,
-        norm: bool = False,
-        output_fmt: str = "NHWC",
-        intermediates_only: bool = True,
-    ):
-        """Outputs of the stem and selected stages (timm's ``forward_intermediates``).
-
-        Args:
-          images: ``[B,H,W,C]``.
-          indices: feature indices (0 = stem, ``i + 1`` = stage ``i``; negative count from the
-            end), an int ``n`` = the last ``n``, or None = all (as ``feature_info``).
-          norm: accepted for timm's signature; MaxViT has no norm between the stages and the head
-            (timm's ``norm`` is an identity for these models), so it changes nothing.
-          output_fmt: ``"NHWC"`` or ``"NCHW"``.
-          intermediates_only: return only the list; else ``(final features, list)`` with final
-            features as :meth:`forward_features` (all stages run).
-
-        Returns a list (in the order of ``indices``) of arrays in the compute dtype.
-        """
-        owner = "MaxViT.forward_intermediates"
-        if output_fmt not in ("NHWC", "NCHW"):
-            raise ValueError(f"{owner}: output_fmt must be 'NHWC' or 'NCHW', got {output_fmt!r}")
+    def _intermediate_norm(self, owner: str, norm):
+        """``norm`` is accepted for timm's signature; MaxViT has no norm between the stages and the
+        head (timm's ``norm`` is an identity for these models), so it changes nothing."""
         check_bool(owner, "norm", norm)
-        chosen = feature_indices(owner, len(self.stages) + 1, indices)
-        last = len(self.stages) if not intermediates_only else max(chosen)
-        outputs = self._features(images, last)
-        maps = [outputs[index] for index in chosen]
-        if output_fmt == "NCHW":
-            maps = [jnp.transpose(m, (0, 3, 1, 2)) for m in maps]
-        return maps if intermediates_only else (outputs[-1], maps)
-
+        return None
 
     # ------------------------------------------------------------------------------------------
     # Cost model

@@ -48,18 +48,11 @@ import numpy as np
 from flax import nnx
 
 from attnzoo.layers import MLP, Dense, LayerNorm, create_mixer, get_mixer_class
-from attnzoo.layers.common import DType, check_bool, check_choice, partitioned
+from attnzoo.layers.common import DType, as_pair, check_bool, check_choice, partitioned
 from attnzoo.layers.conv import Conv2d
-from attnzoo.layers.window import WindowAttention, as_pair
+from attnzoo.layers.window import WindowAttention
 from attnzoo.pallas_kernels.common import check_float, check_int
-from attnzoo.zoo.common import (
-    build_from_preset,
-    classifier_logits,
-    feature_indices,
-    mixer_flops,
-    mlp_flops,
-    remat_policy,
-)
+from attnzoo.zoo.common import TimmVisionModel, build_from_preset, global_avg_pool, mixer_flops, mlp_flops, remat_policy
 from attnzoo.zoo.convert import assign
 from attnzoo.zoo.registry import register_model
 from attnzoo.zoo.timm_convert import load_dense, load_layer_norm, register_timm_converter
@@ -281,10 +274,14 @@ def _per_stage(name: str, value, num_stages: int, is_item) -> list:
     return list(value)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _is_int_or_pair(value) -> bool:
     if isinstance(value, (list, tuple)):
-        return len(value) == 2 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        return len(value) == 2 and all(_is_int(v) for v in value)
+    return _is_int(value)
 
 
 def _accepts(cls, option: str) -> bool:
@@ -292,7 +289,7 @@ def _accepts(cls, option: str) -> bool:
     return option in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
-class SwinTransformer(nnx.Module):
+class SwinTransformer(TimmVisionModel):
     """timm's SwinTransformer with a pluggable mixer per stage; NAT / DiNAT through ``stem``,
     ``downsample``, ``layer_scale_init`` and the mixer. NHWC images of a fixed ``img_size``.
 
@@ -327,6 +324,8 @@ class SwinTransformer(nnx.Module):
         logits_dtype: logits (default float32).
       rngs: ``nnx.Rngs`` with a ``params`` stream (and ``dropout`` for stochastic depth).
     """
+
+    _owner = _OWNER
 
     def __init__(
         self,
@@ -368,12 +367,11 @@ class SwinTransformer(nnx.Module):
             raise ValueError(f"{owner}: depths must be a non-empty sequence of ints, got {depths!r}")
         self.depths = tuple(check_int(owner, f"depths[{i}]", d) for i, d in enumerate(depths))
         num_stages = self.num_stages = len(self.depths)
-        is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-        heads = _per_stage("num_heads", num_heads, num_stages, is_int)
+        heads = _per_stage("num_heads", num_heads, num_stages, _is_int)
         self.num_heads = tuple(check_int(owner, f"num_heads[{i}]", h) for i, h in enumerate(heads))
-        if is_int(embed_dim):
+        if _is_int(embed_dim):
             embed_dim = [check_int(owner, "embed_dim", embed_dim) * 2**i for i in range(num_stages)]
-        dims = _per_stage("embed_dim", embed_dim, num_stages, is_int)
+        dims = _per_stage("embed_dim", embed_dim, num_stages, _is_int)
         self.dims = tuple(check_int(owner, f"embed_dim[{i}]", d) for i, d in enumerate(dims))
         is_number = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
         ratios = _per_stage("mlp_ratio", mlp_ratio, num_stages, is_number)
@@ -508,22 +506,9 @@ class SwinTransformer(nnx.Module):
     # timm's contract
     # ------------------------------------------------------------------------------------------
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None, *, rngs: nnx.Rngs | None = None) -> None:
-        """Replaces the head by a fresh ``Dense(num_features, num_classes)`` (0 = no head: the model
-        returns pooled features); ``global_pool`` optionally switches "avg" / "max" pooling."""
-        owner = f"{_OWNER}.reset_classifier"
-        if self.features_only:
-            raise ValueError(f"{owner}: a features_only model has no classifier")
-        self.num_classes = check_int(owner, "num_classes", num_classes, minimum=0)
-        if global_pool is not None:
-            self.global_pool = check_choice(owner, "global_pool", global_pool, ("avg", "max"))
-        rngs = nnx.Rngs(0) if rngs is None else rngs
-        self.head = nnx.data(
-            Dense(self.num_features, num_classes, logical_axes=("embed", None), use_bias=True, dtype=self.dtype,
-                  param_dtype=self.param_dtype, rngs=rngs)
-            if num_classes
-            else None
-        )
+    def _set_global_pool(self, owner: str, global_pool: str) -> None:
+        """``reset_classifier``'s ``global_pool``: "avg" or "max" over H, W."""
+        self.global_pool = check_choice(owner, "global_pool", global_pool, ("avg", "max"))
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
@@ -537,88 +522,39 @@ class SwinTransformer(nnx.Module):
             info.append(dict(num_chs=self.dims[s], reduction=reduction, module=f"layers.{s}"))
         return info
 
-    def _check_images(self, images) -> None:
-        if not hasattr(images, "shape") or not hasattr(images, "dtype"):
-            raise TypeError(f"{_OWNER}: images must be an array [B,H,W,C], got {type(images).__name__}")
-        want = (*self.img_size, self.in_chans)
-        if images.ndim != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(
-                f"{_OWNER}: images must have shape [B,H,W,C] = [B, {want[0]}, {want[1]}, {want[2]}] (NHWC), "
-                f"got {tuple(images.shape)}"
-            )
-        if not jnp.issubdtype(images.dtype, jnp.floating):
-            raise TypeError(f"{_OWNER}: images must have a floating dtype, got {images.dtype}")
-
     def forward_features(self, images: jax.Array) -> jax.Array:
         """images ``[B,H,W,C]`` -> ``[B, h, w, num_features]`` after the last stage and the final norm
         (no norm with ``features_only``)."""
-        self._check_images(images)
-        x = self.patch_embed(images)
-        for stage in self.layers:
-            x = stage(x)
+        return self._final_norm(self._feature_maps(images, self.num_stages - 1)[-1])
+
+    def _final_norm(self, x: jax.Array) -> jax.Array:
         return x if self.norm is None else self.norm(x)
 
-    def forward_head(self, features: jax.Array, pre_logits: bool = False) -> jax.Array:
-        """features ``[B, h, w, num_features]`` -> logits ``[B, num_classes]`` in ``logits_dtype``
-        (``[B, num_features]`` pooled features when ``pre_logits`` or without a head)."""
-        if not hasattr(features, "shape") or features.ndim != 4 or features.shape[-1] != self.num_features:
-            raise ValueError(
-                f"{_OWNER}.forward_head: features must have shape [B, h, w, {self.num_features}], "
-                f"got {getattr(features, 'shape', type(features).__name__)}"
-            )
-        stat = jnp.promote_types(features.dtype, jnp.float32)
-        if self.global_pool == "avg":
-            pooled = jnp.mean(features.astype(stat), axis=(1, 2)).astype(features.dtype)
-        else:
-            pooled = jnp.max(features, axis=(1, 2))
-        if pre_logits or self.head is None:
-            return pooled
-        return classifier_logits(self.head, pooled, self.dtype, self.param_dtype, self.logits_dtype)
+    def _pre_logits(self, features: jax.Array) -> jax.Array:
+        """features ``[B, h, w, num_features]`` -> ``[B, num_features]``: "avg" or "max" pooling over
+        h, w (``global_pool``; ``forward_head``)."""
+        self._check_feature_map(features)
+        return global_avg_pool(features) if self.global_pool == "avg" else jnp.max(features, axis=(1, 2))
 
-    def __call__(self, images: jax.Array) -> jax.Array | list[jax.Array]:
-        """images ``[B,H,W,C]`` (NHWC, floating) -> logits ``[B, num_classes]`` in ``logits_dtype``
-        (with ``features_only``: the list of stage outputs, as :meth:`forward_intermediates`)."""
-        if self.features_only:
-            return self.forward_intermediates(images)
-        return self.forward_head(self.forward_features(images))
-
-    def forward_intermediates(
-        self,
-        images: jax.Array,
-        indices: int | Sequence[int] | None = None,
-        *,
-        norm: bool = False,
-        output_fmt: str = "NHWC",
-        intermediates_only: bool = True,
-    ):
-        """Stage outputs (timm's ``forward_intermediates``; stage ``i`` matches ``feature_info[i]``).
-
-        Args:
-          images: ``[B,H,W,C]``.
-          indices: stage indices (negative count from the end), an int ``n`` = the last ``n``
-            stages, or None = all.
-          norm: apply the final norm to the last stage's output (as timm; others are never normed).
-          output_fmt: ``"NHWC"`` (``[B, h_i, w_i, C_i]``) or ``"NCHW"``.
-          intermediates_only: return only the list (stages after the last requested one are not
-            run); else ``(forward_features(images), list)``.
-
-        Returns a list in the order of ``indices``, in the compute dtype.
-        """
-        owner = f"{_OWNER}.forward_intermediates"
-        check_choice(owner, "output_fmt", output_fmt, ("NHWC", "NCHW"))
-        chosen = feature_indices(owner, self.num_stages, indices)
+    def _feature_maps(self, images: jax.Array, last: int) -> list[jax.Array]:
+        """The outputs of stages ``0 .. last`` (later stages are not run); ``forward_intermediates``
+        returns stage ``i`` as ``feature_info[i]``."""
         self._check_images(images)
-        last = max(chosen) if intermediates_only else self.num_stages - 1
         x = self.patch_embed(images)
-        outputs = {}
-        for s in range(last + 1):
-            x = self.layers[s](x)
-            out = self.norm(x) if norm and self.norm is not None and s == self.num_stages - 1 else x
-            outputs[s] = out if output_fmt == "NHWC" else jnp.transpose(out, (0, 3, 1, 2))
-        maps = [outputs[s] for s in chosen]
-        if intermediates_only:
-            return maps
-        return (x if self.norm is None else self.norm(x)), maps
+        outputs = []
+        for stage in self.layers[: last + 1]:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+    def _intermediate_norm(self, owner: str, norm):
+        """``norm`` applies the final norm to the last stage's output (as timm; others are never normed)."""
+        if not norm or self.norm is None:
+            return None
+        return lambda index, x: self.norm(x) if index == self.num_stages - 1 else x
+
+    def _check_output_fmt(self, owner: str, output_fmt) -> None:
+        check_choice(owner, "output_fmt", output_fmt, self.output_fmts)
 
     def forward_flops(self, example_shape: Sequence[int] | None = None) -> int:
         """Analytic forward FLOPs for ONE image (matmuls and convolutions, 2 per multiply-add).

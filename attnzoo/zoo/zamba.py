@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnzoo.layers import Attention, Dense, RMSNorm, create_mixer
-from attnzoo.layers.common import DType, compute_dtype, partitioned
+from attnzoo.layers.common import DType, compute_dtype, gelu, partitioned
 from attnzoo.pallas_kernels.common import check_float, check_int
 from attnzoo.zoo.common import LayerStack, build_from_preset, mixer_flops
 from attnzoo.zoo.lm import LMCache, advance_lengths, check_lm_cache, check_tokens
@@ -109,7 +109,7 @@ class ZambaSharedBlock(nnx.Module):
         a = self.o_proj(a.reshape(a.shape[:2] + (self.num_heads, self.head_dim)))
         n = self.mlp_norm(a)
         gate_up = self.gate_up_proj(n) + adapters.gate_up_up(adapters.gate_up_down(n))
-        return self.down_proj(jax.nn.gelu(gate_up[..., 0, :], approximate=False) * gate_up[..., 1, :])
+        return self.down_proj(gelu(gate_up[..., 0, :]) * gate_up[..., 1, :])
 
 
 class ZambaLayer(nnx.Module):

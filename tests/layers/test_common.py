@@ -280,3 +280,77 @@ def test_short_conv_rejects_bad_arguments():
         conv(jnp.ones((2, 3, 4)), state=jnp.zeros((2, 2, 4)))
     with pytest.raises(ValueError, match="segment_ids"):
         conv(jnp.ones((2, 3, 4)), segment_ids=jnp.zeros((2, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 3e-7), (jnp.bfloat16, 8e-3)])
+def test_gelu_matches_the_exact_formula_and_its_derivative(dtype, tolerance):
+    """layers.common.gelu against x Phi(x) in float64 (math.erf), values and gradient, tails included."""
+    import math
+
+    from attnzoo.layers.common import gelu
+
+    x = np.concatenate([np.linspace(-12.0, 12.0, 4001), np.random.default_rng(0).normal(size=999) * 3])
+    x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)  # representable in dtype
+    phi = np.array([0.5 * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x])
+    expected = x * phi
+    expected_grad = phi + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    got = np.asarray(gelu(jnp.asarray(x, dtype)).astype(jnp.float32), np.float64)
+    grad = np.asarray(jax.vmap(jax.grad(lambda v: gelu(v)))(jnp.asarray(x, jnp.float32)), np.float64)
+    assert gelu(jnp.asarray(x, dtype)).dtype == dtype
+    # erf's cancellation in 1 + erf(x) for x < -3 leaves an absolute error below 1e-6 where the
+    # value itself is below 4e-3 (as torch's erf formula has); elsewhere a few units in the last place.
+    core = x >= -3.0
+    assert np.max(np.abs(got - expected)[core] / np.maximum(np.abs(expected[core]), 1.0)) < tolerance
+    assert np.max(np.abs(got - expected)[~core]) < max(tolerance, 1e-6)
+    assert np.max(np.abs(grad - expected_grad) / np.maximum(np.abs(expected_grad), 1.0)) < 1e-6
+    np.testing.assert_allclose(np.asarray(gelu(jnp.asarray(x, jnp.float32), approximate=True)),
+                               np.asarray(jax.nn.gelu(jnp.asarray(x, jnp.float32), approximate=True)))
+
+
+def test_gelu_is_exact_in_float64():
+    import math
+
+    from attnzoo.layers.common import gelu
+    from attnzoo.pallas_kernels.testing import float64
+
+    x = np.random.default_rng(1).normal(size=257) * 2
+    expected = np.array([v * 0.5 * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x])
+    with float64():
+        got = gelu(jnp.asarray(x, jnp.float64))
+        assert got.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-14, atol=1e-15)
+
+
+def test_matmul_has_jnp_dots_derivatives_in_every_mode():
+    """layers.common.matmul against jnp.dot in float64: value, VJP, JVP and a second derivative."""
+    from attnzoo.layers.common import matmul
+    from attnzoo.pallas_kernels.testing import float64
+
+    rng = np.random.default_rng(5)
+    with float64():
+        x, w = jnp.asarray(rng.normal(size=(7, 5))), jnp.asarray(rng.normal(size=(5, 3)))
+        dx, dw, dy = (jnp.asarray(rng.normal(size=s)) for s in ((7, 5), (5, 3), (7, 3)))
+        ours = lambda x, w: matmul(x, w, jnp.float64)  # noqa: E731
+        ref = lambda x, w: jnp.dot(x, w)  # noqa: E731
+        np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-14)
+        for got, want in zip(jax.vjp(ours, x, w)[1](dy), jax.vjp(ref, x, w)[1](dy)):
+            np.testing.assert_allclose(got, want, rtol=1e-13)
+        np.testing.assert_allclose(jax.jvp(ours, (x, w), (dx, dw))[1], jax.jvp(ref, (x, w), (dx, dw))[1], rtol=1e-13)
+        second = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x, w)) ** 2))  # noqa: E731
+        np.testing.assert_allclose(jax.jvp(second(ours), (x,), (dx,))[1], jax.jvp(second(ref), (x,), (dx,))[1], rtol=1e-12)
+        np.testing.assert_allclose(jax.grad(lambda x: ours(x, w).sum())(x), jax.grad(lambda x: ref(x, w).sum())(x), rtol=1e-14)
+
+
+def test_matmul_backward_reads_a_transposed_weight():
+    """The reason matmul exists: no dot in its backward contracts the weight's minor axis."""
+    from attnzoo.layers.common import matmul
+
+    x, w, dy = jnp.ones((16, 8)), jnp.ones((8, 4)), jnp.ones((16, 4))
+
+    def backward_text(f):
+        return jax.jit(lambda x, w: jax.vjp(f, x, w)[1](dy)).lower(x, w).compile().as_text()
+
+    plain = backward_text(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+    ours = backward_text(lambda x, w: matmul(x, w, jnp.float32))
+    assert "rhs_contracting_dims={1}" in plain  # the check can fail
+    assert "rhs_contracting_dims={1}" not in ours

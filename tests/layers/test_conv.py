@@ -55,6 +55,13 @@ CASES = [
     (6, 5, dict(in_features=4, out_features=6, kernel_size=(2, 3), padding="SAME", dilation=(2, 1), use_bias=False)),
     (8, 8, dict(in_features=6, out_features=6, kernel_size=3, padding=((0, 2), (1, 0)), groups=6, stride=(1, 2))),
     (5, 7, dict(in_features=4, out_features=2, kernel_size=3, padding="VALID", groups=2)),
+    # depthwise (groups == in_features: the shifted-sum path), with a channel multiplier, TF
+    # 'SAME' at stride 2 on odd sizes, dilation and a 5x5 kernel
+    (9, 7, dict(in_features=3, out_features=6, kernel_size=3, padding="SAME", groups=3, stride=2)),
+    (11, 10, dict(in_features=5, out_features=5, kernel_size=(3, 5), padding=2, groups=5, dilation=(2, 1), use_bias=False)),
+    (6, 9, dict(in_features=4, out_features=4, kernel_size=5, padding="VALID", groups=4, stride=(2, 3))),
+    (5, 6, dict(in_features=3, out_features=7, kernel_size=1, stride=2)),  # 1x1: jax.lax
+    (8, 12, dict(in_features=3, out_features=5, kernel_size=4, stride=4)),  # patchify
 ]
 
 apply = fast_jit(lambda conv, x: conv(x))
@@ -69,11 +76,14 @@ def test_matches_numpy_loop(height, width, options):
     assert_close(y, numpy_conv(conv, x), str(options), dtype=jnp.float32)
 
 
-def test_gradients_match_finite_differences():
+@pytest.mark.parametrize("groups, out_features", [(1, 5), (2, 4), (4, 4), (4, 8)])
+def test_gradients_match_finite_differences(groups, out_features):
+    """Dense (shifted sums of matmuls), grouped (lax), depthwise and depthwise with a multiplier
+    (shifted sums of products)."""
     with float64():
-        conv = build(lambda: Conv2d(4, 4, 3, stride=2, padding=1, groups=2, param_dtype=jnp.float64, rngs=nnx.Rngs(0)))
+        conv = build(lambda: Conv2d(4, out_features, 3, stride=2, padding=1, groups=groups, param_dtype=jnp.float64, rngs=nnx.Rngs(0)))
         x = np.random.default_rng(1).normal(size=(1, 5, 6, 4))
-        cotangent = np.random.default_rng(2).normal(size=(1, 3, 3, 4))
+        cotangent = np.random.default_rng(2).normal(size=(1, 3, 3, out_features))
         loss = lambda c, x: jnp.sum(c(x) * cotangent)
         grads, x_grad = fast_jit(lambda c, x: nnx.grad(loss, argnums=(0, 1))(c, x))(conv, jnp.asarray(x))
         rng = np.random.default_rng(3)

@@ -14,6 +14,8 @@ from tests.pallas_kernels.attention_cases import CASES, Case, op, random_case
 
 # Small tiles so that every case spans several query and key blocks.
 XLA_BLOCKS = pk.XlaBlockSizes(block_q=16, block_kv=16, scores_per_step=1 << 14)
+# Tiles larger than every case: the xla path's direct single-tile computation.
+XLA_ONE_TILE = pk.XlaBlockSizes(block_q=1 << 12, block_kv=1 << 12)
 PALLAS_BLOCKS = pk.BlockSizes(block_q=16, block_kv=128)
 
 
@@ -37,23 +39,43 @@ def check_forward_and_grads(case: Case, impl: str, seed: int, dtype=jnp.float32,
     )
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_xla_float32(case):
-    check_forward_and_grads(case, "xla", seed=0, block_sizes=XLA_BLOCKS)
+# The xla path over many small tiles (blockwise scan) and with the whole score matrix as one tile.
+XLA_TILINGS = {"blockwise": XLA_BLOCKS, "one_tile": XLA_ONE_TILE}
 
 
+@pytest.mark.parametrize("tiling", XLA_TILINGS)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_xla_is_exact_in_float64(case):
-    """In float64 the blockwise algorithm must agree to rounding: any masking or merge bug shows."""
+def test_xla_float32(case, tiling):
+    check_forward_and_grads(case, "xla", seed=0, block_sizes=XLA_TILINGS[tiling])
+
+
+@pytest.mark.parametrize("tiling", XLA_TILINGS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_xla_is_exact_in_float64(case, tiling):
+    """In float64 the xla paths must agree to rounding: any masking or merge bug shows."""
     with testing.float64():
-        check_forward_and_grads(case, "xla", seed=1, dtype=jnp.float64, block_sizes=XLA_BLOCKS)
+        check_forward_and_grads(case, "xla", seed=1, dtype=jnp.float64, block_sizes=XLA_TILINGS[tiling])
 
 
+@pytest.mark.parametrize("tiling", XLA_TILINGS)
 @pytest.mark.parametrize("seed", range(12))
-def test_xla_random_sweep(seed):
-    case = random_case(seed)
+def test_xla_random_sweep(seed, tiling):
+    case = random_case(seed if tiling == "blockwise" else 200 + seed)
     with testing.float64():
-        check_forward_and_grads(case, "xla", seed=seed, dtype=jnp.float64, block_sizes=XLA_BLOCKS)
+        check_forward_and_grads(case, "xla", seed=seed, dtype=jnp.float64, block_sizes=XLA_TILINGS[tiling])
+
+
+def test_xla_takes_the_single_tile_path_only_when_the_scores_fit_one_tile():
+    """The direct path has no loop; the blockwise one scans its tile list (forward and backward)."""
+    q = k = v = jnp.zeros((1, 40, 2, 8), jnp.float32)
+
+    def loops(block_sizes):
+        f = lambda q, k, v: jnp.sum(pk.attention(q, k, v, causal=True, impl="xla", block_sizes=block_sizes))
+        return str(jax.make_jaxpr(jax.grad(f, (0, 1, 2)))(q, k, v)).count("scan[")
+
+    assert loops(XLA_ONE_TILE) == 0
+    assert loops(pk.XlaBlockSizes(block_q=40, block_kv=40)) == 0
+    assert loops(XLA_BLOCKS) >= 2
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -77,11 +99,12 @@ def test_pallas_strict_interpreter(name):
     check_forward_and_grads(case, "pallas", seed=3, block_sizes=PALLAS_BLOCKS, interpret=params)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "xla_one_tile", "pallas"])
 @pytest.mark.parametrize("name", ["causal_gqa2_dv", "packed_causal", "window_left_gqa4"])
 def test_bfloat16(impl, name):
     case = next(c for c in CASES if c.name == name)
-    blocks = XLA_BLOCKS if impl == "xla" else PALLAS_BLOCKS
+    blocks = {"xla": XLA_BLOCKS, "xla_one_tile": XLA_ONE_TILE, "pallas": PALLAS_BLOCKS}[impl]
+    impl = impl.removesuffix("_one_tile")
     check_forward_and_grads(case, impl, seed=4, dtype=jnp.bfloat16, block_sizes=blocks)
 
 

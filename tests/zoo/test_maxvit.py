@@ -184,7 +184,15 @@ def test_forward_flops_count_every_matmul_and_convolution():
     model = _tiny()
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, jnp.zeros((1, 64, 96, 3)))
-    assert model.forward_flops() == _conv_and_dot_flops(jaxpr.jaxpr)
+    # Depthwise convolutions run as per-tap products (layers.conv.shifted_conv2d), not dots:
+    # their FLOPs are the convolutions' own count at each block's input size.
+    depthwise, (height, width) = 0, model.stem.conv1.output_size(64, 96)
+    for stage in model.stages:
+        for block in stage.blocks:
+            depthwise += block.mbconv.depthwise.flops(height, width)
+            height, width = block.mbconv.depthwise.output_size(height, width)
+    assert depthwise > 0
+    assert model.forward_flops() == _conv_and_dot_flops(jaxpr.jaxpr) + depthwise
     with pytest.raises(ValueError, match=r"example_shape must be \(H, W, C\) = \(64, 96, 3\)"):
         model.forward_flops((64, 64, 3))
 
