@@ -23,11 +23,8 @@ demo: env
 # The tests: the main suite, then the parity tests against PyTorch modules in their own environment.
 test: test-main test-parity test-timm-parity
 
-# glibc's huge-page malloc: XLA:CPU's per-call buffers without page faults (attnzoo/runtime.py).
-HUGEPAGES := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
-
 test-main: env
-	$(HUGEPAGES) $(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 # Parity with Hugging Face transformers (PyTorch): torch and transformers are never attnzoo
 # dependencies, so they live in a separate virtual environment (pip takes torch's CPU wheel from
