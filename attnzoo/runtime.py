@@ -8,11 +8,9 @@ step took 126k page faults and spent 0.3 s of its 0.95 s in the kernel. glibc's 
 faults per step, and the step took 0.69 s. Tunables are read when a process starts, so the command
 is executed again with the tunable in its environment.
 
-The benchmarks call :func:`reexec_with_hugepages` first thing (``ATTNZOO_HUGEPAGES=0`` turns it
-off). ``python -m attnzoo.train`` does so only with ``ATTNZOO_HUGEPAGES=1``: a full test-suite
-run with the tunable set crashed twice with a segmentation fault inside XLA compilation (glibc
-2.36), not yet understood, so long runs do not get it by default. Another program can export the
-setting itself: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_script.py``.
+The benchmarks and ``python -m attnzoo.train`` call :func:`reexec_with_hugepages` first thing
+(``ATTNZOO_HUGEPAGES=0`` turns it off). Another program can export the setting itself:
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_script.py``.
 """
 
 from __future__ import annotations

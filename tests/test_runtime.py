@@ -38,7 +38,7 @@ def run_child(env_overrides, default="on"):
 @pytest.mark.skipif(not runtime.hugepages_useful(), reason="needs Linux, glibc and transparent huge pages")
 def test_reexec_sets_the_tunable_and_keeps_the_arguments():
     assert run_child({}) == "'glibc.malloc.hugetlb=1' ['first', 'second']"
-    # default off (the trainer): only with ATTNZOO_HUGEPAGES=1
+    # with default=False: only when ATTNZOO_HUGEPAGES=1
     assert run_child({}, default="off") == "None ['first', 'second']"
     assert run_child({runtime.OPT_OUT_VARIABLE: "1"}, default="off") == "'glibc.malloc.hugetlb=1' ['first', 'second']"
 

@@ -39,5 +39,5 @@ def main(argv):
 if __name__ == "__main__":
     from attnzoo.runtime import reexec_with_hugepages
 
-    reexec_with_hugepages(default=False)  # opt-in: ATTNZOO_HUGEPAGES=1 (attnzoo/runtime.py)
+    reexec_with_hugepages()  # XLA:CPU's per-step buffers without page faults; ATTNZOO_HUGEPAGES=0 opts out
     app.run(main)
