@@ -118,6 +118,21 @@ class LayerStack(nnx.Module):
         sliced = jax.tree.map(lambda value: value[index], state)
         return nnx.merge(graphdef, spmd.remove_axis(sliced, 0, _STACK_METADATA))
 
+    def unstacked(self) -> list[nnx.Module]:
+        """Every layer as a standalone module, ``[layer(0), ..., layer(N - 1)]``, from one split of
+        each stacked parameter. Under differentiation a split's transpose is one concatenation per
+        parameter, where ``N`` separate slices would each pad their gradient back to ``[N, ...]``
+        and sum ``N`` full-size buffers."""
+        graphdef, state = nnx.split(self.layers)
+        leaves, treedef = jax.tree.flatten(state)
+        pieces = [jnp.split(leaf, self.num_layers, axis=0) for leaf in leaves]
+        return [
+            nnx.merge(graphdef, spmd.remove_axis(
+                jax.tree.unflatten(treedef, [jnp.squeeze(piece[index], 0) for piece in pieces]), 0, _STACK_METADATA
+            ))
+            for index in range(self.num_layers)
+        ]
+
     def _body(self, scan: bool) -> Callable:
         if not self.use_remat:
             return _call_layer
@@ -162,8 +177,8 @@ class LayerStack(nnx.Module):
             return (y, outputs) if return_all else y
         body = self._body(scan=False)
         outputs = []
-        for index in range(self.num_layers):
-            x = body(self.layer(index), x, kwargs)
+        for layer in self.unstacked():
+            x = body(layer, x, kwargs)
             outputs.append(x)
         return (x, jnp.stack(outputs)) if return_all else x
 
@@ -184,9 +199,9 @@ class LayerStack(nnx.Module):
             )
             return scanned(self.layers, x, cache)
         new_caches = []
-        for index in range(self.num_layers):
-            layer_cache = jax.tree.map(lambda leaf: leaf[index], cache)
-            x, layer_cache = _call_cached_layer(self.layer(index), x, layer_cache, kwargs)
+        for index, layer in enumerate(self.unstacked()):
+            layer_cache = jax.tree.map(lambda leaf, index=index: leaf[index], cache)
+            x, layer_cache = _call_cached_layer(layer, x, layer_cache, kwargs)
             new_caches.append(layer_cache)
         return x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *new_caches)
 

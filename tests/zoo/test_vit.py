@@ -131,6 +131,52 @@ def test_vit_scan_and_loop_agree(remat):
         assert _rel_err(a, b) < 1e-5, path
 
 
+def test_layer_stack_loop_unstacks_once():
+    """The loop path takes every layer from one split per stacked parameter: the layers equal
+    ``layer(i)``, and the gradient of the stack is one concatenation per parameter, with no
+    per-layer pad of a gradient back to ``[N, ...]`` (N full-size buffers summed)."""
+    from attnzoo.layers.common import Dense
+    from attnzoo.zoo.common import LayerStack
+
+    class Layer(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = Dense(6, 6, logical_axes=("embed", "mlp"), use_bias=True, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.tanh(self.dense(x))
+
+    stack = LayerStack(Layer, 4, scan_layers=False, rngs=nnx.Rngs(2))
+    layers = stack.unstacked()
+    assert len(layers) == 4
+    for index, layer in enumerate(layers):
+        for got, want in zip(jax.tree.leaves(nnx.state(layer)), jax.tree.leaves(nnx.state(stack.layer(index)))):
+            np.testing.assert_array_equal(got, want)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6)), jnp.float32)
+    graphdef, params = nnx.split(stack, nnx.Param)
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+    primitives = [eqn.primitive.name for eqn in jaxpr.eqns]
+    assert primitives.count("concatenate") == 2, primitives  # kernel and bias
+    assert "pad" not in primitives and "dynamic_update_slice" not in primitives, primitives
+    # The same gradient as differentiating each layer on its own.
+    grads = jax.grad(loss)(params)
+
+    def by_layer(params):
+        stack = nnx.merge(graphdef, params)
+        y = x
+        for index in range(4):
+            y = stack.layer(index)(y)
+        return jnp.sum(y ** 2)
+
+    want = jax.grad(by_layer)(params)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        assert np.any(np.asarray(expected) != 0)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_vit_features_intermediates_and_feature_info():
     model = _small_vit()
     images = jnp.asarray(np.random.default_rng(7).normal(size=(2, 16, 16, 3)), jnp.float32)
