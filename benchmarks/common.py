@@ -1,4 +1,4 @@
-"""Pieces shared by the benchmark scripts (``attention.py``, ``recurrent.py``).
+"""Pieces shared by the benchmark scripts (``attention.py``, ``recurrent.py``, ``vision*.py``).
 
 Errors and sampled check positions, memory figures (XLA's estimate and the peak RSS of one call
 measured in a fresh process), interleaved timing rounds and a description of the machine. The scripts import this as
@@ -135,3 +135,13 @@ def interleaved_times(runners, first_call_s, repeats, time_budget):
             runners[name]()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def print_and_save_table(table: str, script: str, argv, output: str | None) -> None:
+    """Prints a markdown table and, with ``output``, writes it there under the command that made it
+    (``script`` and its arguments, default ``sys.argv[1:]``)."""
+    print(table)
+    if output:
+        command = " ".join([script, *(argv if argv is not None else sys.argv[1:])])
+        with open(output, "w") as handle:
+            handle.write(f"`{command}`\n\n{table}\n")

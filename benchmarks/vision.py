@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnzoo import zoo  # noqa: E402
 from attnzoo.pallas_kernels.testing import rel_rms  # noqa: E402
+from common import print_and_save_table  # noqa: E402
 
 DEFAULT_MODELS = ("vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -63,6 +64,9 @@ def parse_args(argv=None):
     parser.add_argument("--check-tol", type=float, default=1e-4)
     parser.add_argument("--output", help="also write the table (markdown) to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny images, 1 round: checks the script runs")
+    parser.add_argument("--without-attention", action="store_true",
+                        help="ablation (ViT only): attention replaced by v + 0 * (q + k) on both sides, so the "
+                             "table shows everything but attention; the difference from a normal run is attention's cost")
     return parser.parse_args(argv)
 
 
@@ -140,6 +144,24 @@ def randomized(module, seed: int):
     return module
 
 
+def without_attention(names):
+    """Replaces softmax attention by ``v + 0 * (q + k)`` in attnzoo (``pk.attention``, at trace
+    time) and torch (``scaled_dot_product_attention``, which timm's ViT calls): the q / k / v
+    projections and their gradients stay, the attention itself is gone."""
+    import torch
+
+    from attnzoo import pallas_kernels
+
+    if any(not name.startswith("vit_") for name in names):
+        raise SystemExit(f"--without-attention: ViT models only (timm's ViT calls torch's SDPA), got {names}")
+
+    def identity_attention(q, k, v, **_):
+        return v + 0 * (q + k)
+
+    pallas_kernels.attention = identity_attention
+    torch.nn.functional.scaled_dot_product_attention = identity_attention
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -151,6 +173,8 @@ def main(argv=None) -> int:
     if args.smoke:
         args.img_size, args.batch, args.repeats, args.steps = 64, 2, 1, 1
     names = [name for name in args.models.split(",") if name]
+    if args.without_attention:
+        without_attention(names)
     rng = np.random.default_rng(0)
     images_np = rng.normal(size=(args.batch, args.img_size, args.img_size, 3)).astype(np.float32)
     labels_np = rng.integers(0, 1000, size=(args.batch,)).astype(np.int64)
@@ -207,7 +231,8 @@ def main(argv=None) -> int:
 
     lines = [
         f"Train step (forward + backward + AdamW), batch {args.batch} at {args.img_size}, {args.dtype}; "
-        f"median of {args.repeats} interleaved rounds x {args.steps} steps.",
+        f"median of {args.repeats} interleaved rounds x {args.steps} steps"
+        + (", attention replaced by v + 0 * (q + k) on both sides." if args.without_attention else "."),
         "",
         "| model | attnzoo (s) | timm (s) | attnzoo / timm |",
         "|---|---:|---:|---:|",
@@ -215,11 +240,7 @@ def main(argv=None) -> int:
     for name in runners:
         ours, theirs = statistics.median(times[(name, "attnzoo")]), statistics.median(times[(name, "timm")])
         lines.append(f"| {name} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(f"`{' '.join(['benchmarks/vision.py', *(argv if argv is not None else sys.argv[1:])])}`\n\n{table}\n")
+    print_and_save_table("\n".join(lines), "benchmarks/vision.py", argv, args.output)
     return 1 if failed else 0
 
 

@@ -1,5 +1,6 @@
 """benchmarks/vision.py runs end to end at its smallest size (64 px, batch 2, one round): every
-model's converted logits match timm's before anything is timed. Needs torch + timm
+model's converted logits match timm's before anything is timed; so does its attention ablation,
+and benchmarks/vision_matmuls.py, whose gradients must match torch's. Needs torch + timm
 (``make test-timm-parity``)."""
 
 import subprocess
@@ -26,3 +27,32 @@ def test_vision_benchmark_smoke(tmp_path):
     for name in ("vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224"):
         assert f"check {name}: logits relative RMS error" in result.stdout
         assert f"| {name} |" in (tmp_path / "table.md").read_text()
+
+
+def test_vision_benchmark_without_attention_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/vision.py", "--smoke", "--models", "vit_tiny_patch16_224", "--without-attention",
+         "--output", str(tmp_path / "table.md")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "check vit_tiny_patch16_224: logits relative RMS error" in result.stdout and "FAIL" not in result.stdout
+    table = (tmp_path / "table.md").read_text()
+    assert "attention replaced by v + 0 * (q + k)" in table and "| vit_tiny_patch16_224 |" in table
+    refused = subprocess.run(
+        [sys.executable, "benchmarks/vision.py", "--smoke", "--models", "swin_tiny_patch4_window7_224", "--without-attention"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert refused.returncode != 0 and "ViT models only" in refused.stderr
+
+
+def test_vision_matmuls_benchmark_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/vision_matmuls.py", "--smoke", "--output", str(tmp_path / "table.md")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count(": gradients relative RMS error") == 5 and "FAIL" not in result.stdout
+    table = (tmp_path / "table.md").read_text()
+    for name in ("qkv x 2", "attention out x 2", "mlp up x 2", "mlp down x 2", "patch embedding x 1", "| all |"):
+        assert name in table
