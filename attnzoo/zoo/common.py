@@ -65,6 +65,11 @@ def _call_cached_layer(layer: nnx.Module, x: jax.Array, cache: Any, kwargs: dict
     return layer(x, cache=cache, **kwargs)
 
 
+def _one_layer(graphdef, state) -> nnx.Module:
+    """A layer module from the stack's graph and one layer's slice of its state (no ``layers`` axis)."""
+    return nnx.merge(graphdef, spmd.remove_axis(state, 0, _STACK_METADATA))
+
+
 class LayerStack(nnx.Module):
     """``num_layers`` identical layers with stacked parameters, applied in sequence.
 
@@ -115,8 +120,7 @@ class LayerStack(nnx.Module):
         if isinstance(index, bool) or not isinstance(index, int) or not -self.num_layers <= index < self.num_layers:
             raise ValueError(f"LayerStack.layer: index must be an int in [-{self.num_layers}, {self.num_layers}), got {index!r}")
         graphdef, state = nnx.split(self.layers)
-        sliced = jax.tree.map(lambda value: value[index], state)
-        return nnx.merge(graphdef, spmd.remove_axis(sliced, 0, _STACK_METADATA))
+        return _one_layer(graphdef, jax.tree.map(lambda value: value[index], state))
 
     def unstacked(self) -> list[nnx.Module]:
         """Every layer as a standalone module, ``[layer(0), ..., layer(N - 1)]``, from one split of
@@ -127,9 +131,7 @@ class LayerStack(nnx.Module):
         leaves, treedef = jax.tree.flatten(state)
         pieces = [jnp.split(leaf, self.num_layers, axis=0) for leaf in leaves]
         return [
-            nnx.merge(graphdef, spmd.remove_axis(
-                jax.tree.unflatten(treedef, [jnp.squeeze(piece[index], 0) for piece in pieces]), 0, _STACK_METADATA
-            ))
+            _one_layer(graphdef, jax.tree.unflatten(treedef, [jnp.squeeze(piece[index], 0) for piece in pieces]))
             for index in range(self.num_layers)
         ]
 
