@@ -1,6 +1,7 @@
 """benchmarks/vision.py runs end to end at its smallest size (64 px, batch 2, one round): every
 model's converted logits match timm's before anything is timed; so does its attention ablation,
-and benchmarks/vision_matmuls.py, whose gradients must match torch's. Needs torch + timm
+and benchmarks/vision_matmuls.py, whose gradients must match torch's, and
+benchmarks/attention_products.py, whose products must match float64. Needs torch + timm
 (``make test-timm-parity``)."""
 
 import subprocess
@@ -56,3 +57,16 @@ def test_vision_matmuls_benchmark_smoke(tmp_path):
     table = (tmp_path / "table.md").read_text()
     for name in ("qkv x 2", "attention out x 2", "mlp up x 2", "mlp down x 2", "patch embedding x 1", "| all |"):
         assert name in table
+
+
+def test_attention_products_benchmark_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/attention_products.py", "--smoke", "--output", str(tmp_path / "table.md")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count(": relative RMS error to float64") == 6 and "FAIL" not in result.stdout
+    table = (tmp_path / "table.md").read_text()
+    for shape in ("ViT-Ti", "Swin-T stage 1", "MaxViT-T stage 1"):
+        for product in ("scores Q K^T", "output P V"):
+            assert f"| {shape} | {product} |" in table
