@@ -53,5 +53,10 @@ from attnzoo.layers import hybrid as _hybrid  # noqa: E402,F401  (registers the 
 from attnzoo.layers import mega as _mega  # noqa: E402,F401  (registers the mixers)
 from attnzoo.layers import window as _window  # noqa: E402,F401  (registers the mixers)
 from attnzoo.layers import neighborhood as _neighborhood  # noqa: E402,F401  (registers the mixers)
+from attnzoo.layers import crossformer as _crossformer  # noqa: E402,F401  (registers the mixers)
+from attnzoo.layers import twins as _twins  # noqa: E402,F401  (registers the mixers)
+from attnzoo.layers import davit as _davit  # noqa: E402,F401  (registers the mixers)
+from attnzoo.layers import vision_linear as _vision_linear  # noqa: E402,F401  (registers the mixers)
+from attnzoo.layers import van as _van  # noqa: E402,F401  (registers the mixers; van imports the gates)
 from attnzoo.layers.conv import Conv2d  # noqa: E402,F401
 from attnzoo.layers.conv import BatchNorm, MBConv, SqueezeExcite  # noqa: E402,F401

@@ -16,6 +16,11 @@ from attnzoo.zoo.lm import DecoderLM  # noqa: E402
 from attnzoo.zoo.vit import VisionTransformer  # noqa: E402
 from attnzoo.zoo.swin import SwinTransformer  # noqa: E402
 from attnzoo.zoo.maxvit import MaxViT  # noqa: E402
+from attnzoo.zoo.twins import Twins  # noqa: E402
+from attnzoo.zoo.crossformer import CrossFormer  # noqa: E402
+from attnzoo.zoo.van import VAN  # noqa: E402
+from attnzoo.zoo.davit import DaViT  # noqa: E402
+from attnzoo.zoo import vision_linear  # noqa: E402  (Agent-Swin, FLatten-Swin, Efficient-Attention Swin presets)
 from attnzoo.zoo import hybrid_lm as _hybrid_lm  # noqa: E402,F401  (hybrid LM presets)
 from attnzoo.zoo.zamba import ZambaLM  # noqa: E402
 from attnzoo.zoo.lm import LMCache  # noqa: E402
@@ -30,6 +35,11 @@ __all__ = [
     "VisionTransformer",
     "SwinTransformer",
     "MaxViT",
+    "Twins",
+    "CrossFormer",
+    "VAN",
+    "DaViT",
+    "vision_linear",
     "DecoderLM",
     "ZambaLM",
     "LMCache",

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnzoo.layers import MLP, Dense, RMSNorm, create_mixer, list_mixers
+from attnzoo.layers import MLP, Dense, RMSNorm, create_mixer, get_mixer_class, list_mixers
 from attnzoo.layers.common import DType, compute_dtype, partitioned
 from attnzoo.pallas_kernels.common import check_float, check_int
 from attnzoo.zoo.common import LayerStack, build_from_preset, mixer_flops, mlp_flops
@@ -97,6 +97,11 @@ def advance_lengths(lengths: jax.Array, length: int, valid_lengths: jax.Array | 
     return lengths + jnp.clip(jnp.asarray(valid_lengths, jnp.int32), 0, length)
 
 
+def _is_2d_mixer(name: str) -> bool:
+    """Whether the registered mixer ``name`` works on 2-D maps ``[B, H, W, C]`` (``spatial_ndim == 2``)."""
+    return getattr(get_mixer_class(name), "spatial_ndim", 1) == 2
+
+
 def parse_pattern(pattern: str) -> tuple[tuple[str, str], ...]:
     """``"swa, swa, attn"`` -> ``(("swa", "attention"), ("swa", "attention"), ("attn", "attention"))``.
 
@@ -106,14 +111,20 @@ def parse_pattern(pattern: str) -> tuple[tuple[str, str], ...]:
     if not isinstance(pattern, str):
         raise TypeError(f"DecoderLM: pattern must be a comma-separated string, got {type(pattern).__name__}")
     tokens = [token.strip() for token in pattern.split(",")]
-    available = sorted(set(PATTERN_ALIASES) | set(list_mixers()))
+    sequence_mixers = [name for name in list_mixers() if not _is_2d_mixer(name)]
+    available = sorted(set(PATTERN_ALIASES) | set(sequence_mixers))
     parsed = []
     for token in tokens:
         if not token or token.endswith(":") or token.startswith(":"):
             raise ValueError(f"DecoderLM: pattern {pattern!r} has an empty token or label; expected e.g. 'swa,swa,attn'")
         base = token.split(":", 1)[0]
         mixer = PATTERN_ALIASES.get(base, base)
-        if mixer not in list_mixers():
+        if mixer in list_mixers() and _is_2d_mixer(mixer):
+            raise ValueError(
+                f"DecoderLM: token {token!r} in pattern {pattern!r} names a 2-D mixer (input [B, H, W, C]); a "
+                f"language model layer needs a sequence mixer: {', '.join(available)}"
+            )
+        if mixer not in sequence_mixers:
             raise ValueError(
                 f"DecoderLM: unknown token {token!r} in pattern {pattern!r}; available: {', '.join(available)}"
             )

@@ -223,6 +223,9 @@ class MaxViT(TimmVisionModel):
         ``"maxvit_block"`` / ``"maxvit_grid"`` get ``window_size`` / ``grid_size`` and ``head_dim``.
       mlp_ratio: MLP hidden width ``int(dim * mlp_ratio)``.
       expand_ratio: MBConv expansion (of the output width). se_ratio: MBConv squeeze-excitation width.
+      mbconv_gate: the gate inside every MBConv, by name (:func:`attnzoo.layers.gates.make_gate`):
+        "se" (MaxViT's squeeze-excitation, the default), "eca", "cbam" or None (no gate).
+        mbconv_gate_options: options of that gate (a dict), e.g. ``{"reduction_ratio": 8}``.
       activation: activation of stem, MBConv and MLPs: "gelu_tanh" (TF MaxViT) or "gelu".
       conv_norm_eps / conv_norm_momentum: BatchNorm epsilon and running-average decay (Flax
         convention: timm's torch ``momentum=0.1`` is 0.9; TF MaxViT trains with 0.99).
@@ -254,6 +257,8 @@ class MaxViT(TimmVisionModel):
         mlp_ratio: float = 4.0,
         expand_ratio: float = 4.0,
         se_ratio: float = 0.25,
+        mbconv_gate: str | None = "se",
+        mbconv_gate_options: dict[str, Any] | None = None,
         activation: str = "gelu_tanh",
         conv_norm_eps: float = 1e-3,
         conv_norm_momentum: float = 0.99,
@@ -296,6 +301,7 @@ class MaxViT(TimmVisionModel):
         if activation not in ("gelu_tanh", "gelu"):
             raise ValueError(f"{owner}: activation must be 'gelu_tanh' or 'gelu', got {activation!r}")
         self.activation = activation
+        self.mbconv_gate = mbconv_gate
         self.features_only = check_bool(owner, "features_only", features_only)
         self.use_remat, self.remat_policy = remat_policy(remat)
         self.remat = remat
@@ -318,8 +324,8 @@ class MaxViT(TimmVisionModel):
             norm_momentum=conv_norm_momentum, rngs=rngs, **common,
         )
         mbconv_options = dict(
-            expand_ratio=expand_ratio, se_ratio=se_ratio, activation=activation, norm_eps=conv_norm_eps,
-            norm_momentum=conv_norm_momentum, **common,
+            expand_ratio=expand_ratio, se_ratio=se_ratio, gate=mbconv_gate, gate_options=mbconv_gate_options,
+            activation=activation, norm_eps=conv_norm_eps, norm_momentum=conv_norm_momentum, **common,
         )
         stages = []
         in_features = self.stem_width[1]
@@ -581,6 +587,11 @@ def _load_timm_maxvit(model: MaxViT, read) -> None:
         raise TypeError(
             f"load_timm_weights: a timm MaxViT has block and grid attention {MAXVIT_MIXERS}; "
             f"this model's mixers are {model.mixers!r}"
+        )
+    if model.mbconv_gate != "se":
+        raise TypeError(
+            f"load_timm_weights: a timm MaxViT has squeeze-excitation in its MBConv blocks; this model's "
+            f"mbconv_gate is {model.mbconv_gate!r}"
         )
     owner = read.owner
     _load_conv(read, model.stem.conv1, "stem.conv1", "stem.conv1")

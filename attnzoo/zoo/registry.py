@@ -58,10 +58,13 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def _suggestions(name: str) -> list[str]:
+    """Up to five registered names for a mistyped ``name``: those it begins (``vit_tiny`` ->
+    ``vit_tiny_patch16_224``), then the closest spellings, then those containing it."""
     names = list_models()
+    starting = [n for n in names if name and n.startswith(name)]
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-    containing = [n for n in names if name and name in n and n not in close]
-    return (close + containing)[:5]
+    containing = [n for n in names if name and name in n]
+    return list(dict.fromkeys(starting + close + containing))[:5]
 
 
 def get_model_factory(name: str) -> Callable[..., nnx.Module]:

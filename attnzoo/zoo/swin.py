@@ -29,7 +29,9 @@ mixer on the flattened tokens ``[B, h * w, C]``. Each block's options are
 ``{**backbone defaults, **mixer_options[stage], **block_options[stage][block % period]}``.
 For window-partition mixers (``swin_window``, ``maxvit_block``) the stage applies timm's
 ``_calc_window_shift`` unless ``always_partition``: along an axis where the stage's resolution is
-at most the window, the window shrinks to the resolution and the shift becomes 0.
+at most the window, the window shrinks to the resolution and the shift becomes 0. A mixer class
+whose constructor names a ``resolution`` argument (``agent_attention``, ``focused_linear_attention``)
+gets the stage's ``(h, w)`` as its default.
 
 Parameters (logical axes as in :mod:`attnzoo.layers`): ``patch_embed.proj.kernel [p*p*C_in, D]``
 (None, embed) with the patch pixels in (row, column, channel) order; ``layers[i].downsample``,
@@ -493,6 +495,8 @@ class SwinTransformer(TimmVisionModel):
         windowed = isinstance(cls, type) and issubclass(cls, WindowAttention)
         if windowed:
             options["window_size"] = window
+        if isinstance(cls, type) and "resolution" in inspect.signature(cls.__init__).parameters:
+            options["resolution"] = tuple(resolution)  # mixers with parameters sized to the map (agent, FLatten)
         options.update(stage_options)
         options.update(block)
         if windowed and not self.always_partition:

@@ -248,6 +248,8 @@ def test_lm_meta_tokens():
     [
         (dict(pattern="swa,mambo"), ValueError,
          r"unknown token 'mambo' in pattern 'swa,mambo'; available: attention, attn, .*swa"),
+        (dict(pattern="swa,swin_window"), ValueError,
+         r"token 'swin_window' in pattern 'swa,swin_window' names a 2-D mixer .*needs a sequence mixer: attention, attn, "),
         (dict(pattern="swa,attn:"), ValueError, "has an empty token or label"),
         (dict(pattern="swa,,attn", depth=3), ValueError, "pattern 'swa,,attn' has an empty token"),
         (dict(pattern="swa,swa,attn", depth=4), ValueError,

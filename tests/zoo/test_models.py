@@ -23,15 +23,33 @@ TIMM_PARAMS = {
     "maxvit_small_tf_224": 68_927_956,
     "maxvit_base_tf_224": 119_467_708,
     "maxvit_large_tf_224": 211_785_560,
+    "twins_pcpvt_small": 24_106_216,
+    "twins_pcpvt_base": 43_828_456,
+    "twins_pcpvt_large": 60_989_672,
+    "twins_svt_small": 24_060_776,
+    "twins_svt_base": 56_070_952,
+    "twins_svt_large": 99_271_400,
+    "davit_tiny": 28_360_168,
+    "davit_small": 49_745_896,
+    "davit_base": 87_954_408,
 }
-# Models timm does not have: the count of the official code's model (SHI-Labs nat.py / dinat.py;
-# DiNAT's dilations add no parameters).
+# Models timm does not have: the count of the official code's model (SHI-Labs nat.py / dinat.py,
+# DiNAT's dilations adding no parameters; cheerss/CrossFormer; LeapLabTHU's Agent-Swin-T and
+# FLatten-Swin-T configs, whose mixers were checked against the official modules).
 OFFICIAL_PARAMS = {
     "nat_mini": 19_984_174,
     "nat_tiny": 27_901_582,
     "dinat_mini": 19_984_174,
     "dinat_tiny": 27_901_582,
+    "crossformer_tiny": 27_776_794,
+    "crossformer_small": 30_657_394,
+    "crossformer_base": 51_971_554,
+    "crossformer_large": 91_971_184,
+    "agent_swin_tiny": 28_902_964,
+    "flatten_swin_tiny": 29_192_384,
 }
+# Only the paper's rounded count is known (millions, one decimal): VAN's Table of variants.
+PAPER_PARAMS_M = {"van_b0": 4.1, "van_b1": 13.9, "van_b2": 26.6, "van_b3": 44.8}
 
 # Small overrides for real forwards (full-size models are only built abstractly).
 # ViT and LM share most parameter shapes, so their initializers compile once.
@@ -70,9 +88,11 @@ def test_parameter_count(name):
     count = num_params(model)
     if name in TIMM_PARAMS or name in OFFICIAL_PARAMS:
         assert count == TIMM_PARAMS.get(name, OFFICIAL_PARAMS.get(name))
+    elif name in PAPER_PARAMS_M:
+        assert round(count / 1e6, 1) == PAPER_PARAMS_M[name]
     elif name.startswith("lm_"):
         assert count == _expected_lm_params(model)
-    else:  # hybrid presets: their mixers' parameter counts are checked in tests/layers
+    else:  # hybrid presets and our own compositions: their mixers' parameter counts are checked in tests/layers
         assert count > 0
     # nothing was allocated
     assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model)))

@@ -29,7 +29,8 @@ def test_every_registered_model_is_a_vision_or_language_model():
     vision, lm = set(VISION), set(lm_models())
     assert not vision & lm
     assert set(zoo.list_models()) == vision | lm, set(zoo.list_models()) - vision - lm
-    for family in ("vit_", "swin_", "maxvit_", "nat_", "dinat_"):
+    for family in ("vit_", "swin_", "maxvit_", "nat_", "dinat_", "agent_", "flatten_", "efficient_attention_",
+                   "davit_", "van_", "twins_", "crossformer_"):
         assert any(name.startswith(family) for name in VISION), family
 
 
@@ -163,6 +164,35 @@ PUBLISHED_GMACS = {
     "nat_tiny": 4.3,
     "dinat_mini": 2.7,
     "dinat_tiny": 4.3,
+    "agent_swin_tiny": 4.5,  # Agent Attention paper / official README (Agent-Swin-T: 29M, 4.5G)
+    "flatten_swin_tiny": 4.5,  # FLatten paper's ImageNet table (FLatten-Swin-T: 29M, 4.5G)
+    # No published model: our own count (EfficientAttention.flops per stage + Swin-T's MLPs, stem,
+    # merging and head) for Swin-T with Efficient Attention over the whole map in every stage.
+    "efficient_attention_swin_tiny": 4.44,
+    "davit_tiny": 4.5,  # DaViT paper, Table 1 (DaViT-Tiny: 28.3M, 4.5G; timm: 4.54 GMACs)
+    "davit_small": 8.8,  # DaViT-Small: 49.7M, 8.8G
+    "davit_base": 15.5,  # DaViT-Base: 87.9M, 15.5G
+    # VAN paper, Table 2 / official README: "GFLOPs" 0.9 / 2.5 / 5.0 / 9.0 at 4.1 / 13.9 / 26.6 / 44.8M
+    # parameters; they are multiply-accumulates (counted here as 0.86 / 2.50 / 4.99 / 8.93 GMACs).
+    "van_b0": 0.9,
+    "van_b1": 2.5,
+    "van_b2": 5.0,
+    "van_b3": 9.0,
+    # Twins paper, Tables 1 and 2 (GFLOPs there are multiply-accumulates; counted here as 3.81 / 6.65 /
+    # 9.81 and 2.93 / 8.56 / 15.11 GMACs).
+    "twins_pcpvt_small": 3.8,
+    "twins_pcpvt_base": 6.7,
+    "twins_pcpvt_large": 9.8,
+    "twins_svt_small": 2.9,
+    "twins_svt_base": 8.6,
+    "twins_svt_large": 15.1,
+    # CrossFormer (paper Table 1, "FLOPs" = multiply-adds, as the official flops()): T 2.9, S 4.9,
+    # B 9.6, L 16.1. The official code counts 9.17 G for B (its own flops(); 2.86 / 4.91 / 16.12 for
+    # T / S / L), so B's published value is ~4.6% above what the architecture computes.
+    "crossformer_tiny": 2.9,
+    "crossformer_small": 4.9,
+    "crossformer_base": 9.6,
+    "crossformer_large": 16.1,
 }
 
 
