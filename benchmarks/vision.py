@@ -1,7 +1,7 @@
 """Vision train steps against timm on the same CPU: forward + backward + AdamW update.
 
-For each model that both attnzoo and timm have (default: ViT-Ti/16, Swin-T, MaxViT-T at 224,
-batch 8) it
+For each model that both attnzoo and timm have (default: ViT-Ti/16, Swin-T, MaxViT-T, Twins-SVT-S,
+Twins-PCPVT-S and DaViT-T at 224, batch 8) it
 
 1. checks correctness first: timm's model with random weights is converted with
    ``zoo.load_timm_weights`` and both forwards (evaluation mode, float32) must agree on random
@@ -48,7 +48,8 @@ from attnzoo import zoo  # noqa: E402
 from attnzoo.pallas_kernels.testing import rel_rms  # noqa: E402
 from common import print_and_save_table  # noqa: E402
 
-DEFAULT_MODELS = ("vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224")
+DEFAULT_MODELS = ("vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224", "twins_svt_small",
+                  "twins_pcpvt_small", "davit_tiny")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -126,6 +127,19 @@ def timm_step(module, dtype: str):
     return step
 
 
+def timm_model(name: str, img_size: int):
+    """timm's ``name`` without pretrained weights or drop path, built for ``img_size`` (models that take
+    any image size, such as DaViT, have no ``img_size`` argument)."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=False, img_size=img_size, drop_path_rate=0.0)
+    except TypeError as error:
+        if "img_size" not in str(error):
+            raise
+        return timm.create_model(name, pretrained=False, drop_path_rate=0.0)
+
+
 def randomized(module, seed: int):
     """timm module with every floating parameter and persistent buffer random (norm scales and
     variances ~1)."""
@@ -186,7 +200,7 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, timm {timm.__version__}, {os.cpu_count()} CPUs", flush=True)
     runners, failed = {}, False
     for name in names:
-        source = randomized(timm.create_model(name, pretrained=False, img_size=args.img_size, drop_path_rate=0.0), 1)
+        source = randomized(timm_model(name, args.img_size), 1)
         source.eval()
         model = zoo.create_model(name, rngs=nnx.Rngs(0), img_size=args.img_size, dtype=DTYPES[args.dtype])
         zoo.load_timm_weights(model, {k: v.detach().float().numpy() for k, v in source.state_dict().items()})

@@ -25,7 +25,8 @@ def test_vision_benchmark_smoke(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "FAIL" not in result.stdout
-    for name in ("vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224"):
+    for name in ("vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224", "twins_svt_small",
+                 "twins_pcpvt_small", "davit_tiny"):
         assert f"check {name}: logits relative RMS error" in result.stdout
         assert f"| {name} |" in (tmp_path / "table.md").read_text()
 
