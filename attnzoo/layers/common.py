@@ -113,6 +113,15 @@ def as_pair(owner: str, name: str, value, *, minimum: int = 1, check=None, singl
     return item, item
 
 
+def check_heads(owner: str, dim, num_heads) -> tuple[int, int]:
+    """``(dim, num_heads)`` checked: positive ints, ``num_heads`` dividing ``dim``."""
+    dim = check_int(owner, "dim", dim)
+    num_heads = check_int(owner, "num_heads", num_heads)
+    if dim % num_heads:
+        raise ValueError(f"{owner}: num_heads ({num_heads}) must divide dim ({dim})")
+    return dim, num_heads
+
+
 def check_input(owner: str, x, *, ndim: int, last: int | None, layout: str):
     """Raises unless ``x`` is a floating array of rank ``ndim`` whose last axis is ``last``."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):

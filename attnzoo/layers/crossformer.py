@@ -63,11 +63,18 @@ import numpy as np
 from flax import nnx
 
 from attnzoo.layers.common import (
-    DType, Dense, LayerNorm, as_pair, check_bool, check_choice, check_input, compute_dtype,
+    DType, Dense, LayerNorm, as_pair, check_bool, check_choice, check_heads, check_input, compute_dtype,
 )
 from attnzoo.layers.conv import Conv2d
 from attnzoo.layers.registry import register_mixer
-from attnzoo.layers.window import grid_partition, grid_reverse, window_partition, window_reverse
+from attnzoo.layers.window import (
+    grid_partition,
+    grid_reverse,
+    qk_scale_or_default,
+    qkv_projections,
+    window_partition,
+    window_reverse,
+)
 from attnzoo.pallas_kernels.common import check_float, check_int
 
 __all__ = [
@@ -306,10 +313,7 @@ class CrossFormerAttention(nnx.Module):
         rngs: nnx.Rngs,
     ):
         owner = type(self).__name__
-        self.dim = check_int(owner, "dim", dim)
-        self.num_heads = check_int(owner, "num_heads", num_heads)
-        if self.dim % self.num_heads:
-            raise ValueError(f"{owner}: num_heads ({self.num_heads}) must divide dim ({self.dim})")
+        self.dim, self.num_heads = check_heads(owner, dim, num_heads)
         self.head_dim = self.dim // self.num_heads
         self.group_size = check_int(owner, "group_size", group_size)
         self.interval = check_int(owner, "interval", interval)
@@ -318,9 +322,7 @@ class CrossFormerAttention(nnx.Module):
         qkv_bias = check_bool(owner, "qkv_bias", qkv_bias)
         dpb_residual = check_bool(owner, "dpb_residual", dpb_residual)
         self.position_bias = check_bool(owner, "position_bias", position_bias)
-        self.scale = check_float(owner, "qk_scale", qk_scale, positive=True)
-        if self.scale is None:
-            self.scale = self.head_dim**-0.5
+        self.scale = qk_scale_or_default(owner, qk_scale, self.head_dim)
         if dpb_dim is None:
             dpb_dim = self.dim // 16
             if dpb_dim < 1 and self.position_bias:
@@ -329,12 +331,10 @@ class CrossFormerAttention(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
 
-        dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
-        heads, dh = self.num_heads, self.head_dim
-        self.qkv = Dense(dim, (3, heads, dh), logical_axes=("embed", None, "heads", "head_dim"), use_bias=qkv_bias, **dense)
-        self.proj = Dense((heads, dh), dim, logical_axes=("heads", "head_dim", "embed"), use_bias=True, **dense)
+        self.qkv, self.proj = qkv_projections(dim, self.num_heads, self.head_dim, qkv_bias=qkv_bias, out_bias=True,
+                                              dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
         self.pos = (
-            DynamicPosBias(dpb_dim, heads, residual=dpb_residual,
+            DynamicPosBias(dpb_dim, self.num_heads, residual=dpb_residual,
                            norm_eps=norm_eps, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
             if self.position_bias
             else None

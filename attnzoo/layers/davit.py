@@ -48,11 +48,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnzoo.layers.common import DType, Dense, check_bool, check_input, compute_dtype, gelu
+from attnzoo.layers.common import DType, check_bool, check_input, compute_dtype, gelu
 from attnzoo.layers.conv import Conv2d
 from attnzoo.layers.registry import register_mixer
-from attnzoo.layers.window import WindowAttention
-from attnzoo.pallas_kernels.common import check_float, check_int
+from attnzoo.layers.window import WindowAttention, qk_scale_or_default, qkv_projections
+from attnzoo.pallas_kernels.common import check_int
 
 __all__ = ["ChannelGroupAttention", "DaViTWindowAttention", "ConvPosEnc"]
 
@@ -99,15 +99,11 @@ class ChannelGroupAttention(nnx.Module):
         self.head_dim = self.dim // self.num_heads
         check_bool(owner, "qkv_bias", qkv_bias)
         check_bool(owner, "out_bias", out_bias)
-        self.scale = check_float(owner, "qk_scale", qk_scale, positive=True)
-        if self.scale is None:
-            self.scale = self.head_dim**-0.5
+        self.scale = qk_scale_or_default(owner, qk_scale, self.head_dim)
         self.dtype = dtype
         self.param_dtype = param_dtype
-        dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
-        heads, cg = self.num_heads, self.head_dim
-        self.qkv = Dense(dim, (3, heads, cg), logical_axes=("embed", None, "heads", "head_dim"), use_bias=qkv_bias, **dense)
-        self.proj = Dense((heads, cg), dim, logical_axes=("heads", "head_dim", "embed"), use_bias=out_bias, **dense)
+        self.qkv, self.proj = qkv_projections(dim, self.num_heads, self.head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
+                                              dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x ``[B, H, W, C]`` -> ``[B, H, W, C]`` in the compute dtype."""

@@ -36,13 +36,14 @@ from attnzoo.layers.common import (
     MeshAxes,
     as_pair,
     check_bool,
+    check_heads,
     check_input,
     partitioned,
     shard_map_batch_heads,
 )
 from attnzoo.layers.registry import register_mixer
 from attnzoo.pallas_kernels import common as pk_common
-from attnzoo.pallas_kernels.common import check_float, check_int
+from attnzoo.pallas_kernels.common import check_float
 
 __all__ = ["NeighborhoodAttention2D"]
 
@@ -92,10 +93,7 @@ class NeighborhoodAttention2D(nnx.Module):
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.dim = check_int(_OWNER, "dim", dim)
-        self.num_heads = check_int(_OWNER, "num_heads", num_heads)
-        if self.dim % self.num_heads:
-            raise ValueError(f"{_OWNER}: num_heads ({self.num_heads}) must divide dim ({self.dim})")
+        self.dim, self.num_heads = check_heads(_OWNER, dim, num_heads)
         self.head_dim = self.dim // self.num_heads
         pair = dict(single="a single value")
         self.kernel_size = as_pair(_OWNER, "kernel_size", kernel_size, **pair)

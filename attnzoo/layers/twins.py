@@ -57,7 +57,7 @@ from flax import nnx
 from attnzoo.layers.common import DType, Dense, LayerNorm, as_pair, check_bool, check_input, compute_dtype
 from attnzoo.layers.conv import Conv2d
 from attnzoo.layers.registry import register_mixer
-from attnzoo.layers.window import window_partition, window_reverse
+from attnzoo.layers.window import qk_scale_or_default, qkv_projections, window_partition, window_reverse
 from attnzoo.pallas_kernels.common import check_float, check_int
 
 __all__ = ["LocallyGroupedAttention", "GlobalSubsampledAttention", "PositionalEncodingGenerator"]
@@ -97,9 +97,7 @@ class _TwinsAttention(nnx.Module):
         self.head_dim = _head_dim(owner, self.dim, self.num_heads, head_dim)
         self.qkv_bias = check_bool(owner, "qkv_bias", qkv_bias)
         self.out_bias = check_bool(owner, "out_bias", out_bias)
-        self.scale = check_float(owner, "qk_scale", qk_scale, positive=True)
-        if self.scale is None:
-            self.scale = self.head_dim**-0.5
+        self.scale = qk_scale_or_default(owner, qk_scale, self.head_dim)
         self.dtype = dtype
         self.param_dtype = param_dtype
 
@@ -142,11 +140,8 @@ class LocallyGroupedAttention(_TwinsAttention):
         owner = type(self).__name__
         self._setup(dim, num_heads, head_dim, qkv_bias, out_bias, qk_scale, dtype, param_dtype)
         self.window_size = as_pair(owner, "window_size", window_size)
-        dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
-        heads, dh = self.num_heads, self.head_dim
-        self.qkv = Dense(dim, (3, heads, dh), logical_axes=("embed", None, "heads", "head_dim"), use_bias=qkv_bias,
-                         **dense)
-        self.proj = Dense((heads, dh), dim, logical_axes=("heads", "head_dim", "embed"), use_bias=out_bias, **dense)
+        self.qkv, self.proj = qkv_projections(dim, self.num_heads, self.head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
+                                              dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
 
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         """``(Hp, Wp)``: ``(H, W)`` rounded up to multiples of ``window_size``."""

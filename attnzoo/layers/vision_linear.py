@@ -76,6 +76,7 @@ from flax import nnx
 from attnzoo.layers.common import DType, Dense, as_pair, check_bool, check_input, compute_dtype, partitioned
 from attnzoo.layers.conv import Conv2d
 from attnzoo.layers.registry import register_mixer
+from attnzoo.layers.window import qk_scale_or_default, qkv_projections
 from attnzoo.pallas_kernels.common import check_float, check_int
 
 __all__ = [
@@ -203,14 +204,11 @@ class AgentAttention(nnx.Module):
         self.bias_size = check_int(owner, "bias_size", bias_size)
         check_bool(owner, "qkv_bias", qkv_bias)
         check_bool(owner, "out_bias", out_bias)
-        self.scale = check_float(owner, "qk_scale", qk_scale, positive=True)
-        if self.scale is None:
-            self.scale = self.head_dim**-0.5
+        self.scale = qk_scale_or_default(owner, qk_scale, self.head_dim)
 
-        dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
         heads, dh, n = self.num_heads, self.head_dim, self.agent_num
-        self.qkv = Dense(dim, (3, heads, dh), logical_axes=("embed", None, "heads", "head_dim"), use_bias=qkv_bias, **dense)
-        self.proj = Dense((heads, dh), dim, logical_axes=("heads", "head_dim", "embed"), use_bias=out_bias, **dense)
+        self.qkv, self.proj = qkv_projections(dim, heads, dh, qkv_bias=qkv_bias, out_bias=out_bias, dtype=dtype,
+                                              param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
         self.dwc = Conv2d(self.dim, self.dim, self.kernel_size, padding=self.kernel_size // 2, groups=self.dim,
                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         init = nnx.initializers.truncated_normal(stddev=0.02)
@@ -337,10 +335,9 @@ class FocusedLinearAttention(nnx.Module):
         check_bool(owner, "qkv_bias", qkv_bias)
         check_bool(owner, "out_bias", out_bias)
 
-        dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
         heads, dh = self.num_heads, self.head_dim
-        self.qkv = Dense(dim, (3, heads, dh), logical_axes=("embed", None, "heads", "head_dim"), use_bias=qkv_bias, **dense)
-        self.proj = Dense((heads, dh), dim, logical_axes=("heads", "head_dim", "embed"), use_bias=out_bias, **dense)
+        self.qkv, self.proj = qkv_projections(dim, heads, dh, qkv_bias=qkv_bias, out_bias=out_bias, dtype=dtype,
+                                              param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
         self.dwc = Conv2d(dh, dh, self.kernel_size, padding=self.kernel_size // 2, groups=dh,
                           logical_axes=(None, None, None, "head_dim"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         zeros = nnx.initializers.zeros

@@ -67,6 +67,8 @@ __all__ = [
     "grid_reverse",
     "relative_position_index",
     "shifted_window_mask",
+    "qk_scale_or_default",
+    "qkv_projections",
     "as_pair",
 ]
 
@@ -186,6 +188,35 @@ def shifted_window_mask(
     return np.where(different, MASK_VALUE, 0.0).astype(np.float32)
 
 
+def qk_scale_or_default(owner: str, qk_scale: float | None, head_dim: int) -> float:
+    """The score scale: ``qk_scale`` (a finite positive float) or, when None, ``head_dim ** -0.5``."""
+    scale = check_float(owner, "qk_scale", qk_scale, positive=True)
+    return head_dim**-0.5 if scale is None else scale
+
+
+def qkv_projections(
+    dim: int,
+    num_heads: int,
+    head_dim: int,
+    *,
+    qkv_bias: bool,
+    out_bias: bool,
+    dtype: DType | None,
+    param_dtype: DType,
+    kernel_init,
+    rngs: nnx.Rngs,
+) -> tuple[Dense, Dense]:
+    """``(qkv, proj)``: the fused input projection ``[..., D] -> [..., 3, Hd, Dh]`` (kernel
+    ``[D, 3, Hd, Dh]``, logical axes ``(embed, None, heads, head_dim)``; q, k, v along axis -3) and
+    the output projection ``[..., Hd, Dh] -> [..., D]`` (kernel ``[Hd, Dh, D]``, ``(heads, head_dim,
+    embed)``), created in that order from ``rngs``. ``kernel_init`` None: Lecun normal."""
+    dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+    qkv = Dense(dim, (3, num_heads, head_dim), logical_axes=("embed", None, "heads", "head_dim"), use_bias=qkv_bias,
+                **dense)
+    proj = Dense((num_heads, head_dim), dim, logical_axes=("heads", "head_dim", "embed"), use_bias=out_bias, **dense)
+    return qkv, proj
+
+
 @register_mixer("swin_window")
 class WindowAttention(nnx.Module):
     """Multi-head softmax attention inside non-overlapping 2-D windows (Swin W-MSA / SW-MSA, MaxViT
@@ -243,25 +274,21 @@ class WindowAttention(nnx.Module):
         self.window_size = as_pair(owner, "window_size", window_size)
         self.shift_size = as_pair(owner, "shift_size", shift_size, minimum=0)
         self.partition = check_choice(owner, "partition", partition, ("window", "grid"))
-        if any(s >= w for s, w in zip(self.shift_size, self.window_size)):
+        if any(s >= w for s, w in zip(self.shift_size, self.window_size, strict=True)):
             raise ValueError(f"{owner}: shift_size {self.shift_size} must be smaller than window_size {self.window_size}")
         if partition == "grid" and any(self.shift_size):
             raise ValueError(f"{owner}: shift_size {self.shift_size} needs partition='window' (a grid is not shifted)")
         for name, flag in (("qkv_bias", qkv_bias), ("out_bias", out_bias), ("rel_pos_bias", rel_pos_bias)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{owner}: {name} must be a bool, got {type(flag).__name__}")
-        self.scale = check_float(owner, "qk_scale", qk_scale, positive=True)
-        if self.scale is None:
-            self.scale = self.head_dim**-0.5
+        self.scale = qk_scale_or_default(owner, qk_scale, self.head_dim)
         self.dtype = dtype
         self.param_dtype = param_dtype
 
-        dense = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
-        heads, dh = self.num_heads, self.head_dim
-        self.qkv = Dense(dim, (3, heads, dh), logical_axes=("embed", None, "heads", "head_dim"), use_bias=qkv_bias, **dense)
-        self.proj = Dense((heads, dh), dim, logical_axes=("heads", "head_dim", "embed"), use_bias=out_bias, **dense)
+        self.qkv, self.proj = qkv_projections(dim, self.num_heads, self.head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
+                                              dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
         ph, pw = self.window_size
-        table_shape = ((2 * ph - 1) * (2 * pw - 1), heads)
+        table_shape = ((2 * ph - 1) * (2 * pw - 1), self.num_heads)
         self.relative_position_bias_table = (
             nnx.Param(
                 partitioned(nnx.initializers.truncated_normal(stddev=0.02), (None, "heads"))(

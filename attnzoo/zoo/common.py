@@ -21,14 +21,20 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx import spmd
 
-from attnzoo.layers.common import MLP, Dense, compute_dtype
-from attnzoo.pallas_kernels.common import check_int
+from attnzoo.layers.common import MLP, Dense, check_bool, check_choice, compute_dtype
+from attnzoo.layers.registry import get_mixer_class
+from attnzoo.pallas_kernels.common import check_float, check_int
 
 __all__ = ["REMAT_POLICIES", "remat_policy", "LayerStack", "mixer_flops", "mlp_flops", "build_from_preset",
-           "feature_indices", "classifier_logits", "global_avg_pool", "TimmVisionModel"]
+           "feature_indices", "classifier_logits", "global_avg_pool", "pool_map", "TimmVisionModel",
+           "is_int", "is_number", "is_int_or_pair", "per_stage", "check_depths", "check_widths_and_depths", "ints_per_stage", "stage_widths",
+           "ratios_per_stage", "check_block_options", "check_drop_path_rate", "drop_path_rates", "check_logits_dtype",
+           "takes_option", "mixer_defaults", "is_spatial_mixer", "apply_mixer", "map_mixer_flops", "block_caller",
+           "BlockStage"]
 
 LAYERS_AXIS = "layers"
 _STACK_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
@@ -278,6 +284,11 @@ def global_avg_pool(features: jax.Array) -> jax.Array:
     return jnp.mean(features.astype(accumulate), axis=(1, 2)).astype(features.dtype)
 
 
+def pool_map(features: jax.Array, global_pool: str) -> jax.Array:
+    """``features [B, h, w, C] -> [B, C]``: ``"avg"`` (:func:`global_avg_pool`) or ``"max"`` over h, w."""
+    return global_avg_pool(features) if global_pool == "avg" else jnp.max(features, axis=(1, 2))
+
+
 class TimmVisionModel(nnx.Module):
     """timm's contract of an NHWC image model: ``__call__``, ``forward_head``,
     ``forward_intermediates``, ``reset_classifier`` and the image check, written once.
@@ -290,10 +301,15 @@ class TimmVisionModel(nnx.Module):
     per feature map ``forward_intermediates`` can return) and the hooks below:
 
     * ``_feature_maps(images, last)``: feature maps ``0 .. last`` (indices of ``feature_info``);
-    * ``_pre_logits(features)``: ``forward_features``' output -> the classifier's input ``[B, width]``;
-    * ``_set_global_pool(owner, global_pool)``: checks (and applies) a new pooling;
+    * ``_pre_logits(features)``: ``forward_features``' output -> the classifier's input ``[B, width]``
+      (default: "avg" / "max" pooling of a ``[B, h, w, num_features]`` map by ``global_pool``);
+    * ``_set_global_pool(owner, global_pool)``: checks (and applies) a new pooling (default: "avg"
+      or "max");
     * optional: ``_final_norm``, ``_intermediate_norm``, ``_to_output_fmt``, ``_check_output_fmt``,
       ``_classifier_input``.
+
+    Constructors may use ``_set_common_options`` (features_only, remat, dtypes), ``_init_head``
+    and, in ``forward_flops``, ``_check_example_shape``.
     """
 
     _owner: str = "TimmVisionModel"
@@ -320,9 +336,45 @@ class TimmVisionModel(nnx.Module):
                 f"got {getattr(features, 'shape', type(features).__name__)}"
             )
 
+    def _check_example_shape(self, example_shape) -> None:
+        """``forward_flops``' ``example_shape``: None or the model's ``(H, W, C)``."""
+        want = (*self.img_size, self.in_chans)
+        if example_shape is not None and tuple(example_shape) != want:
+            raise ValueError(
+                f"{self._owner}.forward_flops: example_shape must be (H, W, C) = {want}, got {tuple(example_shape)!r}"
+            )
+
+    def _set_common_options(self, owner: str, *, features_only, remat, dtype, param_dtype, logits_dtype) -> None:
+        """Checks and sets ``features_only`` (a bool), ``remat`` (a policy name), ``dtype``,
+        ``param_dtype`` and ``logits_dtype`` (floating)."""
+        self.features_only = check_bool(owner, "features_only", features_only)
+        remat_policy(remat)  # ValueError listing the policies
+        self.remat = remat
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.logits_dtype = check_logits_dtype(owner, logits_dtype)
+
+    def _init_head(self, num_classes: int, rngs: nnx.Rngs) -> None:
+        """No classifier with ``features_only``, else ``reset_classifier(num_classes)``."""
+        self.head = nnx.data(None)
+        self.num_classes = 0
+        if not self.features_only:
+            self.reset_classifier(num_classes, rngs=rngs)
+
     # ------------------------------------------------------------------------------------------
     # Classifier
     # ------------------------------------------------------------------------------------------
+
+    def _set_global_pool(self, owner: str, global_pool: str) -> None:
+        """Hook: checks and sets ``global_pool`` (``__init__`` and ``reset_classifier``); default
+        "avg" or "max" over H, W."""
+        self.global_pool = check_choice(owner, "global_pool", global_pool, ("avg", "max"))
+
+    def _pre_logits(self, features: jax.Array) -> jax.Array:
+        """Hook: features ``[B, h, w, num_features]`` -> ``[B, num_features]``; default "avg" or
+        "max" pooling over h, w (``global_pool``)."""
+        self._check_feature_map(features)
+        return pool_map(features, self.global_pool)
 
     def _classifier_input(self) -> tuple[int, str]:
         """Hook: width and logical axis name of the classifier's input."""
@@ -419,3 +471,196 @@ class TimmVisionModel(nnx.Module):
         if intermediates_only:
             return maps
         return self._final_norm(features[-1]), maps
+
+
+# ----------------------------------------------------------------------------------------------
+# Hierarchical vision backbones: option checks and stage assembly
+# ----------------------------------------------------------------------------------------------
+
+
+def is_int(value) -> bool:
+    """An int (Python or numpy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """An int or a float (Python or numpy), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def is_int_or_pair(value) -> bool:
+    """An int, or a list / tuple of two ints."""
+    if isinstance(value, (list, tuple)):
+        return len(value) == 2 and all(is_int(v) for v in value)
+    return is_int(value)
+
+
+def per_stage(owner: str, name: str, value, num_stages: int, is_item: Callable[[Any], bool]) -> list:
+    """``value`` repeated for every stage when ``is_item(value)``, else a list / tuple of
+    ``num_stages`` items (each ``is_item``) as a list; anything else raises ``ValueError`` naming
+    ``owner`` and the argument ``name``."""
+    if is_item(value):
+        return [value] * num_stages
+    if not isinstance(value, (list, tuple)) or len(value) != num_stages or not all(is_item(v) for v in value):
+        raise ValueError(f"{owner}: {name} must be one value or a sequence of {num_stages} (one per stage), got {value!r}")
+    return list(value)
+
+
+def check_depths(owner: str, depths) -> tuple[int, ...]:
+    """``depths``: a non-empty list / tuple of ints >= 1 (blocks per stage)."""
+    if not isinstance(depths, (list, tuple)) or not depths:
+        raise ValueError(f"{owner}: depths must be a non-empty sequence of ints, got {depths!r}")
+    return tuple(check_int(owner, f"depths[{i}]", d) for i, d in enumerate(depths))
+
+
+def check_widths_and_depths(owner: str, embed_dims, depths) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(embed_dims, depths)``: two lists / tuples of ints >= 1 of the same non-zero length."""
+    if not isinstance(embed_dims, (tuple, list)) or not isinstance(depths, (tuple, list)) or not embed_dims \
+            or len(embed_dims) != len(depths):
+        raise ValueError(
+            f"{owner}: embed_dims and depths must be sequences of the same (non-zero) length, "
+            f"got {embed_dims!r} and {depths!r}"
+        )
+    return (tuple(check_int(owner, f"embed_dims[{i}]", d) for i, d in enumerate(embed_dims)),
+            tuple(check_int(owner, f"depths[{i}]", d) for i, d in enumerate(depths)))
+
+
+def ints_per_stage(owner: str, name: str, value, num_stages: int) -> tuple[int, ...]:
+    """An int >= 1 for every stage, or one per stage (:func:`per_stage`, then ``check_int`` each)."""
+    return tuple(check_int(owner, f"{name}[{i}]", v) for i, v in enumerate(per_stage(owner, name, value, num_stages, is_int)))
+
+
+def stage_widths(owner: str, name: str, value, num_stages: int) -> tuple[int, ...]:
+    """Stage widths: an int ``C`` is ``C * 2**i`` for stage ``i``; else one int per stage."""
+    if is_int(value):
+        value = [check_int(owner, name, value) * 2**i for i in range(num_stages)]
+    return ints_per_stage(owner, name, value, num_stages)
+
+
+def ratios_per_stage(owner: str, name: str, value, num_stages: int) -> tuple[float, ...]:
+    """A positive finite number for every stage, or one per stage, as floats."""
+    ratios = per_stage(owner, name, value, num_stages, is_number)
+    return tuple(check_float(owner, f"{name}[{i}]", r, positive=True, allow_none=False) for i, r in enumerate(ratios))
+
+
+def check_block_options(owner: str, block_options, num_stages: int) -> list[list[dict] | None]:
+    """Per-block mixer options, one entry per stage: None (the backbone's default cycle), or a
+    list of dicts cycled over the stage's blocks. ``block_options`` is None, a non-empty sequence
+    of dicts (every stage), or ``num_stages`` such sequences (or None), one per stage."""
+    if block_options is None:
+        return [None] * num_stages
+    if not isinstance(block_options, (list, tuple)) or not block_options:
+        raise ValueError(f"{owner}: block_options must be a non-empty sequence of dicts, or one per stage, got {block_options!r}")
+    if all(isinstance(o, dict) for o in block_options):
+        return [list(block_options)] * num_stages
+    if len(block_options) != num_stages or not all(
+        o is None or (isinstance(o, (list, tuple)) and o and all(isinstance(d, dict) for d in o)) for o in block_options
+    ):
+        raise ValueError(
+            f"{owner}: block_options must be a sequence of dicts (cycled over every stage's blocks) or "
+            f"{num_stages} such sequences (or None), one per stage; got {block_options!r}"
+        )
+    return [None if o is None else list(o) for o in block_options]
+
+
+def check_drop_path_rate(owner: str, drop_path_rate) -> float:
+    """A float in ``[0, 1)``."""
+    drop_path_rate = check_float(owner, "drop_path_rate", drop_path_rate, allow_none=False)
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"{owner}: drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    return drop_path_rate
+
+
+def drop_path_rates(drop_path_rate: float, count: int) -> np.ndarray:
+    """The stochastic depth schedule of ``count`` blocks: rising linearly from 0 to ``drop_path_rate``
+    (``[0.0]`` for one block)."""
+    return np.linspace(0.0, drop_path_rate, count) if count > 1 else np.zeros(1)
+
+
+def check_logits_dtype(owner: str, logits_dtype) -> jnp.dtype:
+    """``logits_dtype`` as a floating ``jnp.dtype``."""
+    logits_dtype = jnp.dtype(logits_dtype)
+    if not jnp.issubdtype(logits_dtype, jnp.floating):
+        raise TypeError(f"{owner}: logits_dtype must be a floating dtype, got {logits_dtype}")
+    return logits_dtype
+
+
+def takes_option(cls, option: str, *, var_keyword: bool = True) -> bool:
+    """Whether ``cls``'s constructor names ``option``, or (with ``var_keyword``) takes ``**kwargs``."""
+    parameters = inspect.signature(cls.__init__).parameters
+    return option in parameters or (
+        var_keyword and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()))
+
+
+def mixer_defaults(cls, name: str, qkv_bias: bool, *, resolution=None, var_keyword: bool = True) -> dict[str, Any]:
+    """A backbone's default options of mixer ``name`` (class ``cls``): for ``"attention"``
+    bidirectional, no RoPE, an output bias; ``qkv_bias`` when the mixer takes
+    it (:func:`takes_option`); ``resolution = (h, w)`` of the stage's map when ``resolution`` is given
+    and the constructor names a ``resolution`` argument (mixers with parameters sized to the map)."""
+    options: dict[str, Any] = {}
+    if name == "attention":
+        options.update(causal=False, use_rope=False, out_bias=True)
+    if takes_option(cls, "qkv_bias", var_keyword=var_keyword):
+        options["qkv_bias"] = qkv_bias
+    if resolution is not None and isinstance(cls, type) and "resolution" in inspect.signature(cls.__init__).parameters:
+        options["resolution"] = tuple(resolution)
+    return options
+
+
+def is_spatial_mixer(name: str) -> bool:
+    """Whether the registered mixer ``name`` is a 2-D mixer (``spatial_ndim == 2``: called on
+    ``[B, h, w, C]``) rather than one on tokens ``[B, T, C]`` (unknown names raise ``ValueError``)."""
+    return getattr(get_mixer_class(name), "spatial_ndim", 1) == 2
+
+
+def apply_mixer(mixer: nnx.Module, spatial: bool, x: jax.Array) -> jax.Array:
+    """``x [B, h, w, C] -> [B, h, w, C]``: ``mixer(x)`` for a 2-D mixer, else the mixer on the
+    flattened tokens ``[B, h * w, C]``, reshaped back."""
+    if spatial:
+        return mixer(x)
+    batch, height, width, channels = x.shape
+    return mixer(x.reshape(batch, height * width, channels)).reshape(batch, height, width, channels)
+
+
+def map_mixer_flops(mixer: nnx.Module, spatial: bool, height: int, width: int, owner: str) -> int:
+    """FLOPs of a mixer on an ``height x width`` map: ``flops(height, width)`` of a 2-D mixer,
+    ``flops(height * width)`` of a 1-D one; a mixer without a ``flops`` method raises ``TypeError``."""
+    if not spatial:
+        return mixer_flops(mixer, height * width, owner)
+    flops = getattr(mixer, "flops", None)
+    if not callable(flops):
+        raise TypeError(
+            f"{owner}.forward_flops: mixer {type(mixer).__module__}.{type(mixer).__qualname__} has "
+            "no flops(height, width) method, so its cost cannot be counted; add one to the mixer"
+        )
+    return int(flops(height, width))
+
+
+def _call_block(block: nnx.Module, x: jax.Array) -> jax.Array:
+    return block(x)
+
+
+def block_caller(remat: str) -> Callable[[nnx.Module, jax.Array], jax.Array]:
+    """``call(block, x) = block(x)``, under ``nnx.remat`` with the policy ``remat`` names (unless
+    ``"none"``). For stateless blocks (no BatchNorm statistics written at call time)."""
+    use_remat, policy = remat_policy(remat)
+    return nnx.remat(_call_block, policy=policy) if use_remat else _call_block
+
+
+class BlockStage(nnx.Module):
+    """An optional downsample, then ``blocks`` in order, each under the remat policy ``remat``
+    (:func:`block_caller`). ``x [B, H, W, C] -> [B, h, w, C']``."""
+
+    def __init__(self, downsample: nnx.Module | None, blocks: list[nnx.Module], *, remat: str):
+        self.downsample = downsample
+        self.blocks = nnx.List(blocks)
+        remat_policy(remat)  # ValueError listing the policies
+        self.remat = remat
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        call = block_caller(self.remat)
+        for block in self.blocks:
+            x = call(block, x)
+        return x

@@ -33,7 +33,6 @@ per stage; the official model needs sizes divisible by 32). ``feature_info`` red
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -42,11 +41,26 @@ import numpy as np
 from flax import nnx
 
 from attnzoo.layers import get_mixer_class
-from attnzoo.layers.common import DType, as_pair, check_bool, check_choice
+from attnzoo.layers.common import DType, as_pair, check_bool
 from attnzoo.layers.crossformer import CrossFormerAttention, CrossScaleEmbedding
 from attnzoo.layers import LayerNorm
 from attnzoo.pallas_kernels.common import check_float, check_int
-from attnzoo.zoo.common import TimmVisionModel, build_from_preset, global_avg_pool, mixer_flops, mlp_flops, remat_policy
+from attnzoo.zoo.common import (
+    TimmVisionModel,
+    build_from_preset,
+    check_block_options,
+    check_depths,
+    check_drop_path_rate,
+    drop_path_rates,
+    ints_per_stage,
+    is_int,
+    map_mixer_flops,
+    mixer_defaults,
+    mlp_flops,
+    per_stage,
+    ratios_per_stage,
+    stage_widths,
+)
 from attnzoo.zoo.convert import StateDictReader, assign
 from attnzoo.zoo.registry import register_model
 from attnzoo.zoo.swin import SwinBlock, SwinStage
@@ -57,42 +71,14 @@ __all__ = ["CrossFormer", "load_official_crossformer_weights"]
 _OWNER = "CrossFormer"
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _per_stage(name: str, value, num_stages: int, is_item) -> list:
-    """``value`` repeated for every stage, or a sequence with one entry per stage."""
-    if is_item(value):
-        return [value] * num_stages
-    if not isinstance(value, (list, tuple)) or len(value) != num_stages or not all(is_item(v) for v in value):
-        raise ValueError(f"{_OWNER}: {name} must be one value or a sequence of {num_stages} (one per stage), got {value!r}")
-    return list(value)
-
-
 def _kernel_list(name: str, value) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value or not all(map(_is_int, value)):
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value or not all(map(is_int, value)):
         raise ValueError(f"{_OWNER}: {name} must be a non-empty sequence of ints, got {value!r}")
     return tuple(int(v) for v in value)
 
 
-def _accepts(cls, option: str) -> bool:
-    parameters = inspect.signature(cls.__init__).parameters
-    return option in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-
-
 def _block_flops(block: SwinBlock, height: int, width: int) -> int:
-    if block.spatial:
-        flops = getattr(block.mixer, "flops", None)
-        if not callable(flops):
-            raise TypeError(
-                f"{_OWNER}.forward_flops: mixer {type(block.mixer).__module__}.{type(block.mixer).__qualname__} has "
-                "no flops(height, width) method, so its cost cannot be counted; add one to the mixer"
-            )
-        mixer = int(flops(height, width))
-    else:
-        mixer = mixer_flops(block.mixer, height * width, _OWNER)
-    return mixer + mlp_flops(block.mlp, height * width)
+    return map_mixer_flops(block.mixer, block.spatial, height, width, _OWNER) + mlp_flops(block.mlp, height * width)
 
 
 class CrossFormer(TimmVisionModel):
@@ -161,20 +147,11 @@ class CrossFormer(TimmVisionModel):
         owner = _OWNER
         self.img_size = as_pair(owner, "img_size", img_size)
         self.in_chans = check_int(owner, "in_chans", in_chans)
-        if not isinstance(depths, (list, tuple)) or not depths:
-            raise ValueError(f"{owner}: depths must be a non-empty sequence of ints, got {depths!r}")
-        self.depths = tuple(check_int(owner, f"depths[{i}]", d) for i, d in enumerate(depths))
+        self.depths = check_depths(owner, depths)
         num_stages = self.num_stages = len(self.depths)
-        heads = _per_stage("num_heads", num_heads, num_stages, _is_int)
-        self.num_heads = tuple(check_int(owner, f"num_heads[{i}]", h) for i, h in enumerate(heads))
-        if _is_int(embed_dim):
-            embed_dim = [check_int(owner, "embed_dim", embed_dim) * 2**i for i in range(num_stages)]
-        dims = _per_stage("embed_dim", embed_dim, num_stages, _is_int)
-        self.dims = tuple(check_int(owner, f"embed_dim[{i}]", d) for i, d in enumerate(dims))
-        is_number = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)  # noqa: E731
-        ratios = _per_stage("mlp_ratio", mlp_ratio, num_stages, is_number)
-        for i, ratio in enumerate(ratios):
-            check_float(owner, f"mlp_ratio[{i}]", ratio, positive=True, allow_none=False)
+        self.num_heads = ints_per_stage(owner, "num_heads", num_heads, num_stages)
+        self.dims = stage_widths(owner, "embed_dim", embed_dim, num_stages)
+        ratios = ratios_per_stage(owner, "mlp_ratio", mlp_ratio, num_stages)
         self.stem_kernels = _kernel_list("stem_kernels", stem_kernels)
         if num_stages > 1 and isinstance(merge_kernels, (list, tuple)) and merge_kernels and all(
                 isinstance(m, (list, tuple)) for m in merge_kernels):
@@ -185,30 +162,21 @@ class CrossFormer(TimmVisionModel):
         else:
             merges = [_kernel_list("merge_kernels", merge_kernels)] * (num_stages - 1)
         self.merge_kernels = tuple(merges)
-        groups = [check_int(owner, "group_size", g) for g in _per_stage("group_size", group_size, num_stages, _is_int)]
-        intervals = [check_int(owner, "intervals", i) for i in _per_stage("intervals", intervals, num_stages, _is_int)]
+        groups = [check_int(owner, "group_size", g) for g in per_stage(owner, "group_size", group_size, num_stages, is_int)]
+        intervals = [check_int(owner, "intervals", i) for i in per_stage(owner, "intervals", intervals, num_stages, is_int)]
         self.group_sizes, self.intervals = tuple(groups), tuple(intervals)
-        mixers = _per_stage("mixer", mixer, num_stages, lambda v: isinstance(v, str))
+        mixers = per_stage(owner, "mixer", mixer, num_stages, lambda v: isinstance(v, str))
         mixer_classes = [get_mixer_class(name) for name in mixers]  # ValueError listing the known mixers
         self.mixer_names = tuple(mixers)
-        stage_options = _per_stage("mixer_options", {} if mixer_options is None else mixer_options, num_stages,
-                                   lambda v: isinstance(v, dict))
-        per_block = self._block_options(block_options, num_stages)
+        stage_options = per_stage(owner, "mixer_options", {} if mixer_options is None else mixer_options, num_stages,
+                                  lambda v: isinstance(v, dict))
+        per_block = check_block_options(owner, block_options, num_stages)
         self.qkv_bias = check_bool(owner, "qkv_bias", qkv_bias)
         self.norm_eps = check_float(owner, "norm_eps", norm_eps, positive=True, allow_none=False)
-        drop_path_rate = check_float(owner, "drop_path_rate", drop_path_rate, allow_none=False)
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"{owner}: drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        self.drop_path_rate = drop_path_rate
-        self.features_only = check_bool(owner, "features_only", features_only)
-        self.remat = remat
-        remat_policy(remat)  # ValueError listing the policies
-        self.global_pool = check_choice(owner, "global_pool", global_pool, ("avg", "max"))
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.logits_dtype = jnp.dtype(logits_dtype)
-        if not jnp.issubdtype(self.logits_dtype, jnp.floating):
-            raise TypeError(f"{owner}: logits_dtype must be a floating dtype, got {self.logits_dtype}")
+        drop_path_rate = self.drop_path_rate = check_drop_path_rate(owner, drop_path_rate)
+        self._set_common_options(owner, features_only=features_only, remat=remat, dtype=dtype, param_dtype=param_dtype,
+                                 logits_dtype=logits_dtype)
+        self._set_global_pool(owner, global_pool)
         self.num_features = self.dims[-1]
 
         common = dict(norm_eps=self.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -218,8 +186,7 @@ class CrossFormer(TimmVisionModel):
         if min(resolution) < 1:
             raise ValueError(f"{owner}: img_size {self.img_size} is smaller than the stem's stride 4")
 
-        total_blocks = sum(self.depths)
-        rates = np.linspace(0.0, drop_path_rate, total_blocks) if total_blocks > 1 else np.zeros(1)
+        rates = drop_path_rates(drop_path_rate, sum(self.depths))
         stages, resolutions, block_index = [], [], 0
         for s in range(num_stages):
             down = None
@@ -236,9 +203,8 @@ class CrossFormer(TimmVisionModel):
                 [{"mode": "sda"}, {"mode": "lda"}] if lsda else [{}])
             blocks = []
             for j in range(self.depths[s]):
-                options = {}
-                if _accepts(mixer_classes[s], "qkv_bias"):
-                    options["qkv_bias"] = self.qkv_bias
+                # (no bidirectional defaults for "attention" here, unlike the other backbones)
+                options = mixer_defaults(mixer_classes[s], mixers[s], self.qkv_bias)
                 if lsda:
                     options.update(group_size=groups[s], interval=intervals[s])
                 options.update(stage_options[s])
@@ -254,35 +220,11 @@ class CrossFormer(TimmVisionModel):
         self.resolutions = tuple(resolutions)
         self.norm = None if self.features_only else LayerNorm(self.num_features, epsilon=self.norm_eps, dtype=dtype,
                                                               param_dtype=param_dtype)
-        self.head = nnx.data(None)
-        self.num_classes = 0
-        if not self.features_only:
-            self.reset_classifier(num_classes, rngs=rngs)
-
-    @staticmethod
-    def _block_options(block_options, num_stages: int) -> list[list[dict] | None]:
-        if block_options is None:
-            return [None] * num_stages
-        if not isinstance(block_options, (list, tuple)) or not block_options:
-            raise ValueError(f"{_OWNER}: block_options must be a non-empty sequence of dicts, or one per stage, got {block_options!r}")
-        if all(isinstance(o, dict) for o in block_options):
-            return [list(block_options)] * num_stages
-        if len(block_options) != num_stages or not all(
-            o is None or (isinstance(o, (list, tuple)) and o and all(isinstance(d, dict) for d in o)) for o in block_options
-        ):
-            raise ValueError(
-                f"{_OWNER}: block_options must be a sequence of dicts (cycled over every stage's blocks) or "
-                f"{num_stages} such sequences (or None), one per stage; got {block_options!r}"
-            )
-        return [None if o is None else list(o) for o in block_options]
+        self._init_head(num_classes, rngs)
 
     # ------------------------------------------------------------------------------------------
     # timm's contract
     # ------------------------------------------------------------------------------------------
-
-    def _set_global_pool(self, owner: str, global_pool: str) -> None:
-        """``reset_classifier``'s ``global_pool``: "avg" or "max" over H, W."""
-        self.global_pool = check_choice(owner, "global_pool", global_pool, ("avg", "max"))
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
@@ -296,11 +238,6 @@ class CrossFormer(TimmVisionModel):
 
     def _final_norm(self, x: jax.Array) -> jax.Array:
         return x if self.norm is None else self.norm(x)
-
-    def _pre_logits(self, features: jax.Array) -> jax.Array:
-        """features ``[B, h, w, num_features]`` -> ``[B, num_features]`` ("avg" or "max" over h, w)."""
-        self._check_feature_map(features)
-        return global_avg_pool(features) if self.global_pool == "avg" else jnp.max(features, axis=(1, 2))
 
     def _feature_maps(self, images: jax.Array, last: int) -> list[jax.Array]:
         """The outputs of stages ``0 .. last`` (later stages are not run)."""
@@ -329,9 +266,7 @@ class CrossFormer(TimmVisionModel):
           example_shape: ``(H, W, C)`` of one image; must equal the model's (default).
         Raises ``TypeError`` if a mixer has no ``flops`` method.
         """
-        want = (*self.img_size, self.in_chans)
-        if example_shape is not None and tuple(example_shape) != want:
-            raise ValueError(f"{_OWNER}.forward_flops: example_shape must be (H, W, C) = {want}, got {tuple(example_shape)!r}")
+        self._check_example_shape(example_shape)
         total = self.patch_embed.flops(*self.img_size)
         previous = self.patch_embed.output_size(*self.img_size)
         for s, stage in enumerate(self.layers):

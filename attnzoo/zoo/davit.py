@@ -49,16 +49,28 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from attnzoo.layers import MLP, LayerNorm, create_mixer, get_mixer_class
-from attnzoo.layers.common import DType, as_pair, check_bool, check_choice
+from attnzoo.layers.common import DType, as_pair, check_bool
 from attnzoo.layers.conv import Conv2d
 from attnzoo.layers.davit import ConvPosEnc, DaViTWindowAttention
 from attnzoo.layers.window import WindowAttention
 from attnzoo.pallas_kernels.common import check_float, check_int
-from attnzoo.zoo.common import TimmVisionModel, build_from_preset, global_avg_pool, mixer_flops, mlp_flops, remat_policy
+from attnzoo.zoo.common import (
+    BlockStage,
+    TimmVisionModel,
+    apply_mixer,
+    build_from_preset,
+    check_depths,
+    check_drop_path_rate,
+    drop_path_rates,
+    is_spatial_mixer,
+    map_mixer_flops,
+    mixer_defaults,
+    mlp_flops,
+    pool_map,
+)
 from attnzoo.zoo.convert import assign
 from attnzoo.zoo.registry import register_model
 from attnzoo.zoo.timm_convert import conv_kernel, load_dense, load_layer_norm, register_timm_converter
@@ -145,7 +157,7 @@ class DaViTBlock(nnx.Module):
     def __init__(self, dim: int, num_heads: int, *, mixer: str, mixer_options: dict[str, Any], mlp_ratio: float,
                  norm_eps: float, cpe_act: bool, drop_path: float, dtype: DType | None, param_dtype: DType,
                  rngs: nnx.Rngs):
-        self.spatial = getattr(get_mixer_class(mixer), "spatial_ndim", 1) == 2
+        self.spatial = is_spatial_mixer(mixer)
         common = dict(dtype=dtype, param_dtype=param_dtype)
         self.cpe1 = ConvPosEnc(dim, 3, act=cpe_act, rngs=rngs, **common)
         self.norm1 = LayerNorm(dim, epsilon=norm_eps, **common)
@@ -160,66 +172,24 @@ class DaViTBlock(nnx.Module):
             branch = self.drop_path(branch)
         return x + branch.astype(x.dtype)
 
-    def _mix(self, x: jax.Array) -> jax.Array:
-        if self.spatial:
-            return self.mixer(x)
-        batch, height, width, channels = x.shape
-        return self.mixer(x.reshape(batch, height * width, channels)).reshape(batch, height, width, channels)
-
     def __call__(self, x: jax.Array) -> jax.Array:
         """x ``[B, h, w, C]`` -> ``[B, h, w, C]``."""
         x = self.cpe1(x)
-        x = self._residual(x, self._mix(self.norm1(x)))
+        x = self._residual(x, apply_mixer(self.mixer, self.spatial, self.norm1(x)))
         x = self.cpe2(x)
         return self._residual(x, self.mlp(self.norm2(x)))
 
     def flops(self, height: int, width: int) -> int:
         """Matmul and convolution FLOPs on an ``height x width`` map: both position encodings, the
         mixer (``flops(h, w)`` of a 2-D mixer, ``flops(h * w)`` of a 1-D one) and the MLP."""
-        if self.spatial:
-            flops = getattr(self.mixer, "flops", None)
-            if not callable(flops):
-                raise TypeError(
-                    f"{_OWNER}.forward_flops: mixer {type(self.mixer).__module__}.{type(self.mixer).__qualname__} "
-                    "has no flops(height, width) method, so its cost cannot be counted; add one to the mixer"
-                )
-            mixer = int(flops(height, width))
-        else:
-            mixer = mixer_flops(self.mixer, height * width, _OWNER)
+        mixer = map_mixer_flops(self.mixer, self.spatial, height, width, _OWNER)
         cpe = self.cpe1.flops(height, width) + self.cpe2.flops(height, width)
         return cpe + mixer + mlp_flops(self.mlp, height * width)
 
 
-def _call_block(block: DaViTBlock, x: jax.Array) -> jax.Array:
-    return block(x)
-
-
-class DaViTStage(nnx.Module):
-    """An optional downsample, then the blocks in order, each under the remat policy."""
-
-    def __init__(self, downsample: DaViTDownsample | None, blocks: list[DaViTBlock], *, remat: str):
-        self.downsample = downsample
-        self.blocks = nnx.List(blocks)
-        remat_policy(remat)  # ValueError listing the policies
-        self.remat = remat
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.downsample is not None:
-            x = self.downsample(x)
-        use_remat, policy = remat_policy(self.remat)
-        call = nnx.remat(_call_block, policy=policy) if use_remat else _call_block
-        for block in self.blocks:
-            x = call(block, x)
-        return x
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _accepts(cls, option: str) -> bool:
-    parameters = inspect.signature(cls.__init__).parameters
-    return option in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+class DaViTStage(BlockStage):
+    """An optional :class:`DaViTDownsample`, then the :class:`DaViTBlock` s in order, each under the
+    remat policy (:class:`attnzoo.zoo.common.BlockStage`)."""
 
 
 def _int_tuple(name: str, value, count: int | None) -> tuple[int, ...]:
@@ -337,7 +307,7 @@ class DaViT(TimmVisionModel):
         owner = _OWNER
         self.img_size = as_pair(owner, "img_size", img_size)
         self.in_chans = check_int(owner, "in_chans", in_chans)
-        self.depths = _int_tuple("depths", depths, None)
+        self.depths = check_depths(owner, depths)
         num_stages = self.num_stages = len(self.depths)
         self.dims = _int_tuple("embed_dims", embed_dims, num_stages)
         self.num_heads = _int_tuple("num_heads", num_heads, num_stages)
@@ -351,26 +321,16 @@ class DaViT(TimmVisionModel):
         self.cpe_act = check_bool(owner, "cpe_act", cpe_act)
         self.down_kernel_size = check_int(owner, "down_kernel_size", down_kernel_size)
         self.norm_eps = check_float(owner, "norm_eps", norm_eps, positive=True, allow_none=False)
-        drop_path_rate = check_float(owner, "drop_path_rate", drop_path_rate, allow_none=False)
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"{owner}: drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        self.drop_path_rate = drop_path_rate
-        self.features_only = check_bool(owner, "features_only", features_only)
-        remat_policy(remat)  # ValueError listing the policies
-        self.remat = remat
-        self.global_pool = check_choice(owner, "global_pool", global_pool, ("avg", "max"))
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.logits_dtype = jnp.dtype(logits_dtype)
-        if not jnp.issubdtype(self.logits_dtype, jnp.floating):
-            raise TypeError(f"{owner}: logits_dtype must be a floating dtype, got {self.logits_dtype}")
+        drop_path_rate = self.drop_path_rate = check_drop_path_rate(owner, drop_path_rate)
+        self._set_common_options(owner, features_only=features_only, remat=remat, dtype=dtype, param_dtype=param_dtype,
+                                 logits_dtype=logits_dtype)
+        self._set_global_pool(owner, global_pool)
         self.num_features = self.dims[-1]
 
         common = dict(norm_eps=self.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.stem = DaViTStem(self.in_chans, self.dims[0], **common)
         resolution = self.stem.output_size(*self.img_size)
-        total = sum(self.depths)
-        rates = np.linspace(0.0, drop_path_rate, total) if total > 1 else np.zeros(1)
+        rates = drop_path_rates(drop_path_rate, sum(self.depths))
         stages, resolutions, dual_index = [], [], 0
         for s in range(num_stages):
             down = None
@@ -393,17 +353,10 @@ class DaViT(TimmVisionModel):
         self.resolutions = tuple(resolutions)
         self.head_norm = None if self.features_only else LayerNorm(self.num_features, epsilon=self.norm_eps,
                                                                    dtype=dtype, param_dtype=param_dtype)
-        self.head = nnx.data(None)
-        self.num_classes = 0
-        if not self.features_only:
-            self.reset_classifier(num_classes, rngs=rngs)
+        self._init_head(num_classes, rngs)
 
     def _mixer_options(self, cls, name: str, stage_options: dict) -> dict:
-        options = {}
-        if name == "attention":
-            options.update(causal=False, use_rope=False, out_bias=True)
-        if _accepts(cls, "qkv_bias"):
-            options["qkv_bias"] = self.qkv_bias
+        options = mixer_defaults(cls, name, self.qkv_bias)
         if "window_size" in inspect.signature(cls.__init__).parameters or (
                 isinstance(cls, type) and issubclass(cls, WindowAttention)):
             options["window_size"] = self.window_size
@@ -413,10 +366,6 @@ class DaViT(TimmVisionModel):
     # ------------------------------------------------------------------------------------------
     # timm's contract
     # ------------------------------------------------------------------------------------------
-
-    def _set_global_pool(self, owner: str, global_pool: str) -> None:
-        """``reset_classifier``'s ``global_pool``: "avg" or "max" over H, W."""
-        self.global_pool = check_choice(owner, "global_pool", global_pool, ("avg", "max"))
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
@@ -433,7 +382,7 @@ class DaViT(TimmVisionModel):
         """features ``[B, h, w, C]`` -> ``[B, C]``: "avg" or "max" pooling, then the head LayerNorm
         (none with ``features_only``)."""
         self._check_feature_map(features)
-        pooled = global_avg_pool(features) if self.global_pool == "avg" else jnp.max(features, axis=(1, 2))
+        pooled = pool_map(features, self.global_pool)
         return pooled if self.head_norm is None else self.head_norm(pooled)
 
     def _feature_maps(self, images: jax.Array, last: int) -> list[jax.Array]:
@@ -458,9 +407,7 @@ class DaViT(TimmVisionModel):
           example_shape: ``(H, W, C)`` of one image; must equal the model's (default).
         Raises ``TypeError`` if a mixer has no ``flops`` method.
         """
-        want = (*self.img_size, self.in_chans)
-        if example_shape is not None and tuple(example_shape) != want:
-            raise ValueError(f"{_OWNER}.forward_flops: example_shape must be (H, W, C) = {want}, got {tuple(example_shape)!r}")
+        self._check_example_shape(example_shape)
         total = self.stem.flops(*self.img_size)
         previous = self.stem.output_size(*self.img_size)
         for s, stage in enumerate(self.stages):

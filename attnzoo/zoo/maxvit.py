@@ -46,7 +46,15 @@ from attnzoo.layers import MLP, Dense, LayerNorm, create_mixer, get_mixer_class
 from attnzoo.layers.common import DType, as_pair, check_bool
 from attnzoo.layers.conv import ACTIVATIONS, BatchNorm, Conv2d, MBConv
 from attnzoo.pallas_kernels.common import check_int
-from attnzoo.zoo.common import TimmVisionModel, build_from_preset, global_avg_pool, mlp_flops, remat_policy
+from attnzoo.zoo.common import (
+    TimmVisionModel,
+    build_from_preset,
+    check_widths_and_depths,
+    global_avg_pool,
+    map_mixer_flops,
+    mlp_flops,
+    remat_policy,
+)
 from attnzoo.zoo.convert import assign
 from attnzoo.zoo.registry import register_model
 from attnzoo.zoo.timm_convert import conv_kernel, load_dense, load_layer_norm, register_timm_converter
@@ -276,14 +284,7 @@ class MaxViT(TimmVisionModel):
         self.img_size = as_pair(owner, "img_size", img_size)
         self.in_chans = check_int(owner, "in_chans", in_chans)
         self.num_classes = check_int(owner, "num_classes", num_classes, minimum=0)
-        if not isinstance(embed_dims, (tuple, list)) or not isinstance(depths, (tuple, list)) or not embed_dims \
-                or len(embed_dims) != len(depths):
-            raise ValueError(
-                f"{owner}: embed_dims and depths must be sequences of the same (non-zero) length, "
-                f"got {embed_dims!r} and {depths!r}"
-            )
-        self.embed_dims = tuple(check_int(owner, f"embed_dims[{i}]", d) for i, d in enumerate(embed_dims))
-        self.depths = tuple(check_int(owner, f"depths[{i}]", d) for i, d in enumerate(depths))
+        self.embed_dims, self.depths = check_widths_and_depths(owner, embed_dims, depths)
         self.stem_width = as_pair(owner, "stem_width", stem_width)
         self.head_dim = check_int(owner, "head_dim", head_dim)
         for index, dim in enumerate(self.embed_dims):
@@ -302,14 +303,9 @@ class MaxViT(TimmVisionModel):
             raise ValueError(f"{owner}: activation must be 'gelu_tanh' or 'gelu', got {activation!r}")
         self.activation = activation
         self.mbconv_gate = mbconv_gate
-        self.features_only = check_bool(owner, "features_only", features_only)
+        self._set_common_options(owner, features_only=features_only, remat=remat, dtype=dtype, param_dtype=param_dtype,
+                                 logits_dtype=logits_dtype)
         self.use_remat, self.remat_policy = remat_policy(remat)
-        self.remat = remat
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.logits_dtype = jnp.dtype(logits_dtype)
-        if not jnp.issubdtype(self.logits_dtype, jnp.floating):
-            raise TypeError(f"{owner}: logits_dtype must be a floating dtype, got {self.logits_dtype}")
 
         # Feature map sizes: stem stride 2, then every stage stride 2 (TF 'SAME': ceil).
         sizes = [tuple(-(-s // 2) for s in self.img_size)]
@@ -465,11 +461,7 @@ class MaxViT(TimmVisionModel):
           example_shape: ``(H, W, C)`` of one image; must equal the model's (default).
         Raises ``TypeError`` if a mixer has no ``flops`` method.
         """
-        want = (*self.img_size, self.in_chans)
-        if example_shape is not None and tuple(example_shape) != want:
-            raise ValueError(
-                f"MaxViT.forward_flops: example_shape must be (H, W, C) = {want}, got {tuple(example_shape)!r}"
-            )
+        self._check_example_shape(example_shape)
         stem = self.stem
         total = stem.conv1.flops(*self.img_size) + stem.conv2.flops(*self.feature_sizes[0])
         previous = self.feature_sizes[0]
@@ -477,13 +469,8 @@ class MaxViT(TimmVisionModel):
             for block in stage.blocks:
                 total += block.mbconv.flops(*previous)
                 for attention in block.attentions:
-                    flops = getattr(attention.mixer, "flops", None)
-                    if not callable(flops):
-                        raise TypeError(
-                            f"MaxViT.forward_flops: mixer {type(attention.mixer).__qualname__} has no "
-                            "flops(height, width) method"
-                        )
-                    total += int(flops(height, width)) + mlp_flops(attention.mlp, height * width)
+                    total += map_mixer_flops(attention.mixer, True, height, width, self._owner)
+                    total += mlp_flops(attention.mlp, height * width)
                 previous = (height, width)
         if not self.features_only:
             if self.pre_logits is not None:

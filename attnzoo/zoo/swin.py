@@ -46,7 +46,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from attnzoo.layers import MLP, Dense, LayerNorm, create_mixer, get_mixer_class
@@ -54,7 +53,25 @@ from attnzoo.layers.common import DType, as_pair, check_bool, check_choice, part
 from attnzoo.layers.conv import Conv2d
 from attnzoo.layers.window import WindowAttention
 from attnzoo.pallas_kernels.common import check_float, check_int
-from attnzoo.zoo.common import TimmVisionModel, build_from_preset, global_avg_pool, mixer_flops, mlp_flops, remat_policy
+from attnzoo.zoo.common import (
+    BlockStage,
+    TimmVisionModel,
+    apply_mixer,
+    build_from_preset,
+    check_block_options,
+    check_depths,
+    check_drop_path_rate,
+    drop_path_rates,
+    ints_per_stage,
+    is_int_or_pair,
+    is_spatial_mixer,
+    map_mixer_flops,
+    mixer_defaults,
+    mlp_flops,
+    per_stage,
+    ratios_per_stage,
+    stage_widths,
+)
 from attnzoo.zoo.convert import assign
 from attnzoo.zoo.registry import register_model
 from attnzoo.zoo.timm_convert import load_dense, load_layer_norm, register_timm_converter
@@ -168,8 +185,8 @@ def calc_window_shift(resolution: Sequence[int], window_size, shift_size) -> tup
     a window at least as large as the resolution shrinks to it and its shift becomes 0."""
     window = as_pair(_OWNER, "window_size", window_size)
     shift = as_pair(_OWNER, "shift_size", shift_size, minimum=0)
-    window = tuple(min(r, w) for r, w in zip(resolution, window))
-    shift = tuple(0 if r <= w else s for r, w, s in zip(resolution, window, shift))
+    window = tuple(min(r, w) for r, w in zip(resolution, window, strict=True))
+    shift = tuple(0 if r <= w else s for r, w, s in zip(resolution, window, shift, strict=True))
     return window, shift
 
 
@@ -187,7 +204,7 @@ class SwinBlock(nnx.Module):
     def __init__(self, dim: int, num_heads: int, *, mixer: str, mixer_options: dict[str, Any], mlp_ratio: float,
                  norm_eps: float, layer_scale_init: float | None, drop_path: float, dtype: DType | None,
                  param_dtype: DType, rngs: nnx.Rngs):
-        self.spatial = getattr(get_mixer_class(mixer), "spatial_ndim", 1) == 2
+        self.spatial = is_spatial_mixer(mixer)
         self.norm1 = LayerNorm(dim, epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.mixer = create_mixer(mixer, dim=dim, num_heads=num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                   **mixer_options)
@@ -213,82 +230,25 @@ class SwinBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x ``[B, h, w, C]`` -> ``[B, h, w, C]``."""
-        batch, height, width, channels = x.shape
-        normed = self.norm1(x)
-        if self.spatial:
-            mixed = self.mixer(normed)
-        else:
-            mixed = self.mixer(normed.reshape(batch, height * width, channels)).reshape(batch, height, width, channels)
-        x = self._residual(x, mixed, self.gamma1)
+        x = self._residual(x, apply_mixer(self.mixer, self.spatial, self.norm1(x)), self.gamma1)
         return self._residual(x, self.mlp(self.norm2(x)), self.gamma2)
 
 
 def _block_flops(block: SwinBlock, height: int, width: int) -> int:
     """Matmul FLOPs of one block on an ``height x width`` map: the mixer's (``flops(height, width)``
     of a 2-D mixer, ``flops(height * width)`` of a 1-D one) plus the MLP's."""
-    if block.spatial:
-        flops = getattr(block.mixer, "flops", None)
-        if not callable(flops):
-            raise TypeError(
-                f"{_OWNER}.forward_flops: mixer {type(block.mixer).__module__}.{type(block.mixer).__qualname__} has "
-                "no flops(height, width) method, so its cost cannot be counted; add one to the mixer"
-            )
-        mixer = int(flops(height, width))
-    else:
-        mixer = mixer_flops(block.mixer, height * width, _OWNER)
+    mixer = map_mixer_flops(block.mixer, block.spatial, height, width, _OWNER)
     return mixer + mlp_flops(block.mlp, height * width)
 
 
-def _call_block(block: SwinBlock, x: jax.Array) -> jax.Array:
-    return block(x)
-
-
-class SwinStage(nnx.Module):
-    """An optional downsample then ``len(blocks)`` blocks, each applied under the remat policy."""
-
-    def __init__(self, downsample: nnx.Module | None, blocks: list[SwinBlock], *, remat: str):
-        self.downsample = downsample
-        self.blocks = nnx.List(blocks)
-        remat_policy(remat)  # ValueError listing the policies
-        self.remat = remat
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.downsample is not None:
-            x = self.downsample(x)
-        use_remat, policy = remat_policy(self.remat)
-        call = nnx.remat(_call_block, policy=policy) if use_remat else _call_block
-        for block in self.blocks:
-            x = call(block, x)
-        return x
+class SwinStage(BlockStage):
+    """An optional downsample then ``len(blocks)`` :class:`SwinBlock` s, each applied under the remat
+    policy (:class:`attnzoo.zoo.common.BlockStage`)."""
 
 
 # ----------------------------------------------------------------------------------------------
 # The backbone
 # ----------------------------------------------------------------------------------------------
-
-
-def _per_stage(name: str, value, num_stages: int, is_item) -> list:
-    """``value`` repeated for every stage, or a sequence with one entry per stage."""
-    if is_item(value):
-        return [value] * num_stages
-    if not isinstance(value, (list, tuple)) or len(value) != num_stages or not all(is_item(v) for v in value):
-        raise ValueError(f"{_OWNER}: {name} must be one value or a sequence of {num_stages} (one per stage), got {value!r}")
-    return list(value)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_int_or_pair(value) -> bool:
-    if isinstance(value, (list, tuple)):
-        return len(value) == 2 and all(_is_int(v) for v in value)
-    return _is_int(value)
-
-
-def _accepts(cls, option: str) -> bool:
-    parameters = inspect.signature(cls.__init__).parameters
-    return option in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 class SwinTransformer(TimmVisionModel):
@@ -365,49 +325,31 @@ class SwinTransformer(TimmVisionModel):
         self.in_chans = check_int(owner, "in_chans", in_chans)
         self.stem = check_choice(owner, "stem", stem, ("patch", "conv"))
         self.downsample_kind = check_choice(owner, "downsample", downsample, ("merge", "conv"))
-        if not isinstance(depths, (list, tuple)) or not depths:
-            raise ValueError(f"{owner}: depths must be a non-empty sequence of ints, got {depths!r}")
-        self.depths = tuple(check_int(owner, f"depths[{i}]", d) for i, d in enumerate(depths))
+        self.depths = check_depths(owner, depths)
         num_stages = self.num_stages = len(self.depths)
-        heads = _per_stage("num_heads", num_heads, num_stages, _is_int)
-        self.num_heads = tuple(check_int(owner, f"num_heads[{i}]", h) for i, h in enumerate(heads))
-        if _is_int(embed_dim):
-            embed_dim = [check_int(owner, "embed_dim", embed_dim) * 2**i for i in range(num_stages)]
-        dims = _per_stage("embed_dim", embed_dim, num_stages, _is_int)
-        self.dims = tuple(check_int(owner, f"embed_dim[{i}]", d) for i, d in enumerate(dims))
-        is_number = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-        ratios = _per_stage("mlp_ratio", mlp_ratio, num_stages, is_number)
-        for i, ratio in enumerate(ratios):
-            check_float(owner, f"mlp_ratio[{i}]", ratio, positive=True, allow_none=False)
-        windows = [as_pair(owner, "window_size", w) for w in _per_stage("window_size", window_size, num_stages, _is_int_or_pair)]
+        self.num_heads = ints_per_stage(owner, "num_heads", num_heads, num_stages)
+        self.dims = stage_widths(owner, "embed_dim", embed_dim, num_stages)
+        ratios = ratios_per_stage(owner, "mlp_ratio", mlp_ratio, num_stages)
+        windows = [as_pair(owner, "window_size", w) for w in per_stage(owner, "window_size", window_size, num_stages, is_int_or_pair)]
         self.always_partition = check_bool(owner, "always_partition", always_partition)
-        mixers = _per_stage("mixer", mixer, num_stages, lambda v: isinstance(v, str))
+        mixers = per_stage(owner, "mixer", mixer, num_stages, lambda v: isinstance(v, str))
         mixer_classes = [get_mixer_class(name) for name in mixers]  # ValueError listing the known mixers
         self.mixer_names = tuple(mixers)
-        stage_options = _per_stage("mixer_options", {} if mixer_options is None else mixer_options, num_stages,
-                                   lambda v: isinstance(v, dict))
-        per_block = self._block_options(block_options, num_stages)
+        stage_options = per_stage(owner, "mixer_options", {} if mixer_options is None else mixer_options, num_stages,
+                                  lambda v: isinstance(v, dict))
+        per_block = check_block_options(owner, block_options, num_stages)
         self.qkv_bias = check_bool(owner, "qkv_bias", qkv_bias)
         self.layer_scale_init = check_float(owner, "layer_scale_init", layer_scale_init)
         self.norm_eps = check_float(owner, "norm_eps", norm_eps, positive=True, allow_none=False)
-        drop_path_rate = check_float(owner, "drop_path_rate", drop_path_rate, allow_none=False)
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"{owner}: drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        self.drop_path_rate = drop_path_rate
-        self.features_only = check_bool(owner, "features_only", features_only)
-        self.remat = remat
-        remat_policy(remat)  # ValueError listing the policies
-        self.global_pool = check_choice(owner, "global_pool", global_pool, ("avg", "max"))
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.logits_dtype = jnp.dtype(logits_dtype)
-        if not jnp.issubdtype(self.logits_dtype, jnp.floating):
-            raise TypeError(f"{owner}: logits_dtype must be a floating dtype, got {self.logits_dtype}")
+        drop_path_rate = self.drop_path_rate = check_drop_path_rate(owner, drop_path_rate)
+        self._set_common_options(owner, features_only=features_only, remat=remat, dtype=dtype, param_dtype=param_dtype,
+                                 logits_dtype=logits_dtype)
+        self._set_global_pool(owner, global_pool)
         self.num_features = self.dims[-1]
 
         common = dict(norm_eps=self.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if self.stem == "patch":
-            for axis, (size, patch) in enumerate(zip(self.img_size, self.patch_size)):
+            for axis, (size, patch) in enumerate(zip(self.img_size, self.patch_size, strict=True)):
                 if size % patch:
                     raise ValueError(
                         f"{owner}: img_size {self.img_size} must be divisible by patch_size {self.patch_size} "
@@ -424,8 +366,7 @@ class SwinTransformer(TimmVisionModel):
         if min(resolution) < 1:
             raise ValueError(f"{owner}: img_size {self.img_size} is too small for the stem")
 
-        total_blocks = sum(self.depths)
-        rates = np.linspace(0.0, drop_path_rate, total_blocks) if total_blocks > 1 else np.zeros(1)
+        rates = drop_path_rates(drop_path_rate, sum(self.depths))
         stages, resolutions, block_index = [], [], 0
         for s in range(num_stages):
             down = None
@@ -452,31 +393,11 @@ class SwinTransformer(TimmVisionModel):
         self.stem_reduction = stem_reduction
         self.norm = None if self.features_only else LayerNorm(self.num_features, epsilon=self.norm_eps, dtype=dtype,
                                                               param_dtype=param_dtype)
-        self.head = nnx.data(None)
-        self.num_classes = 0
-        if not self.features_only:
-            self.reset_classifier(num_classes, rngs=rngs)
+        self._init_head(num_classes, rngs)
 
     # ------------------------------------------------------------------------------------------
     # Construction helpers
     # ------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _block_options(block_options, num_stages: int) -> list[list[dict] | None]:
-        if block_options is None:
-            return [None] * num_stages
-        if not isinstance(block_options, (list, tuple)) or not block_options:
-            raise ValueError(f"{_OWNER}: block_options must be a non-empty sequence of dicts, or one per stage, got {block_options!r}")
-        if all(isinstance(o, dict) for o in block_options):
-            return [list(block_options)] * num_stages
-        if len(block_options) != num_stages or not all(
-            o is None or (isinstance(o, (list, tuple)) and o and all(isinstance(d, dict) for d in o)) for o in block_options
-        ):
-            raise ValueError(
-                f"{_OWNER}: block_options must be a sequence of dicts (cycled over every stage's blocks) or "
-                f"{num_stages} such sequences (or None), one per stage; got {block_options!r}"
-            )
-        return [None if o is None else list(o) for o in block_options]
 
     @staticmethod
     def _default_cycle(name: str, stage_options: dict, window) -> list[dict]:
@@ -487,16 +408,11 @@ class SwinTransformer(TimmVisionModel):
         return [{"shift_size": 0}, {"shift_size": (wh // 2, ww // 2)}]
 
     def _mixer_options(self, cls, name: str, window, stage_options: dict, block: dict, resolution) -> dict:
-        options = {}
-        if name == "attention":
-            options.update(causal=False, use_rope=False, out_bias=True)
-        if _accepts(cls, "qkv_bias"):
-            options["qkv_bias"] = self.qkv_bias
+        # resolution: for mixers with parameters sized to the map (agent, FLatten)
+        options = mixer_defaults(cls, name, self.qkv_bias, resolution=resolution)
         windowed = isinstance(cls, type) and issubclass(cls, WindowAttention)
         if windowed:
             options["window_size"] = window
-        if isinstance(cls, type) and "resolution" in inspect.signature(cls.__init__).parameters:
-            options["resolution"] = tuple(resolution)  # mixers with parameters sized to the map (agent, FLatten)
         options.update(stage_options)
         options.update(block)
         if windowed and not self.always_partition:
@@ -509,10 +425,6 @@ class SwinTransformer(TimmVisionModel):
     # ------------------------------------------------------------------------------------------
     # timm's contract
     # ------------------------------------------------------------------------------------------
-
-    def _set_global_pool(self, owner: str, global_pool: str) -> None:
-        """``reset_classifier``'s ``global_pool``: "avg" or "max" over H, W."""
-        self.global_pool = check_choice(owner, "global_pool", global_pool, ("avg", "max"))
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
@@ -533,12 +445,6 @@ class SwinTransformer(TimmVisionModel):
 
     def _final_norm(self, x: jax.Array) -> jax.Array:
         return x if self.norm is None else self.norm(x)
-
-    def _pre_logits(self, features: jax.Array) -> jax.Array:
-        """features ``[B, h, w, num_features]`` -> ``[B, num_features]``: "avg" or "max" pooling over
-        h, w (``global_pool``; ``forward_head``)."""
-        self._check_feature_map(features)
-        return global_avg_pool(features) if self.global_pool == "avg" else jnp.max(features, axis=(1, 2))
 
     def _feature_maps(self, images: jax.Array, last: int) -> list[jax.Array]:
         """The outputs of stages ``0 .. last`` (later stages are not run); ``forward_intermediates``
@@ -573,9 +479,7 @@ class SwinTransformer(TimmVisionModel):
           example_shape: ``(H, W, C)`` of one image; must equal the model's (default).
         Raises ``TypeError`` if a mixer has no ``flops`` method.
         """
-        want = (*self.img_size, self.in_chans)
-        if example_shape is not None and tuple(example_shape) != want:
-            raise ValueError(f"{_OWNER}.forward_flops: example_shape must be (H, W, C) = {want}, got {tuple(example_shape)!r}")
+        self._check_example_shape(example_shape)
         if isinstance(self.patch_embed, PatchEmbed):
             height, width = self.patch_embed.output_size(*self.img_size)
             total = 2 * height * width * self.patch_embed.proj.in_features[0] * self.dims[0]

@@ -40,19 +40,34 @@ Parameters (logical axes as in :mod:`attnzoo.layers`): ``stages[i].patch_embed.p
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from attnzoo.layers import LayerNorm, get_mixer_class
-from attnzoo.layers.common import DType, as_pair, check_bool, check_choice
+from attnzoo.layers.common import DType, as_pair, check_bool
 from attnzoo.layers.twins import GlobalSubsampledAttention, LocallyGroupedAttention, PositionalEncodingGenerator
 from attnzoo.pallas_kernels.common import check_float, check_int
-from attnzoo.zoo.common import TimmVisionModel, build_from_preset, global_avg_pool, mixer_flops, mlp_flops, remat_policy
+from attnzoo.zoo.common import (
+    TimmVisionModel,
+    block_caller,
+    build_from_preset,
+    check_block_options,
+    check_depths,
+    check_drop_path_rate,
+    drop_path_rates,
+    ints_per_stage,
+    is_int,
+    map_mixer_flops,
+    mixer_defaults,
+    mlp_flops,
+    per_stage,
+    ratios_per_stage,
+    remat_policy,
+    takes_option,
+)
 from attnzoo.zoo.convert import assign
 from attnzoo.zoo.registry import register_model
 from attnzoo.zoo.swin import PatchEmbed, SwinBlock
@@ -63,10 +78,6 @@ __all__ = ["Twins", "TwinsStage"]
 _OWNER = "Twins"
 LSA, GSA = "twins_locally_grouped", "twins_global_subsampled"
 PATCH_EMBED_EPS = 1e-5  # timm's PatchEmbed LayerNorm keeps torch's default epsilon
-
-
-def _call_block(block: SwinBlock, x: jax.Array) -> jax.Array:
-    return block(x)
 
 
 class TwinsStage(nnx.Module):
@@ -84,35 +95,12 @@ class TwinsStage(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.patch_embed(x)
-        use_remat, policy = remat_policy(self.remat)
-        call = nnx.remat(_call_block, policy=policy) if use_remat else _call_block
+        call = block_caller(self.remat)
         for index, block in enumerate(self.blocks):
             x = call(block, x)
             if index == 0:
                 x = self.pos_block(x)
         return x
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def _per_stage(name: str, value, num_stages: int, is_item) -> list:
-    """``value`` repeated for every stage, or a sequence with one entry per stage."""
-    if is_item(value):
-        return [value] * num_stages
-    if not isinstance(value, (list, tuple)) or len(value) != num_stages or not all(is_item(v) for v in value):
-        raise ValueError(f"{_OWNER}: {name} must be one value or a sequence of {num_stages} (one per stage), got {value!r}")
-    return list(value)
-
-
-def _takes(cls, option: str) -> bool:
-    """Whether ``cls``'s constructor names ``option`` (a ``**kwargs`` catch-all does not count)."""
-    return option in inspect.signature(cls.__init__).parameters
 
 
 class Twins(TimmVisionModel):
@@ -179,43 +167,27 @@ class Twins(TimmVisionModel):
         self.img_size = as_pair(owner, "img_size", img_size)
         self.patch_size = as_pair(owner, "patch_size", patch_size)
         self.in_chans = check_int(owner, "in_chans", in_chans)
-        if not isinstance(depths, (list, tuple)) or not depths:
-            raise ValueError(f"{owner}: depths must be a non-empty sequence of ints, got {depths!r}")
-        self.depths = tuple(check_int(owner, f"depths[{i}]", d) for i, d in enumerate(depths))
+        self.depths = check_depths(owner, depths)
         num_stages = self.num_stages = len(self.depths)
-        dims = _per_stage("embed_dims", embed_dims, num_stages, _is_int)
-        self.dims = tuple(check_int(owner, f"embed_dims[{i}]", d) for i, d in enumerate(dims))
-        heads = _per_stage("num_heads", num_heads, num_stages, _is_int)
-        self.num_heads = tuple(check_int(owner, f"num_heads[{i}]", h) for i, h in enumerate(heads))
-        ratios = _per_stage("mlp_ratios", mlp_ratios, num_stages, _is_number)
-        self.mlp_ratios = tuple(check_float(owner, f"mlp_ratios[{i}]", r, positive=True, allow_none=False)
-                                for i, r in enumerate(ratios))
+        self.dims = ints_per_stage(owner, "embed_dims", embed_dims, num_stages)
+        self.num_heads = ints_per_stage(owner, "num_heads", num_heads, num_stages)
+        self.mlp_ratios = ratios_per_stage(owner, "mlp_ratios", mlp_ratios, num_stages)
         self.sr_ratios = self._pairs_per_stage("sr_ratios", sr_ratios)
         self.wss = None if wss is None else self._pairs_per_stage("wss", wss)
         mixers = self._mixer_cycles(mixer)
         self.mixer_names = tuple(mixers)
-        stage_options = _per_stage("mixer_options", {} if mixer_options is None else mixer_options, num_stages,
-                                   lambda v: isinstance(v, dict))
-        per_block = self._block_options(block_options, num_stages)
+        stage_options = per_stage(owner, "mixer_options", {} if mixer_options is None else mixer_options, num_stages,
+                                  lambda v: isinstance(v, dict))
+        per_block = check_block_options(owner, block_options, num_stages)
         self.qkv_bias = check_bool(owner, "qkv_bias", qkv_bias)
         self.norm_eps = check_float(owner, "norm_eps", norm_eps, positive=True, allow_none=False)
-        drop_path_rate = check_float(owner, "drop_path_rate", drop_path_rate, allow_none=False)
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"{owner}: drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        self.drop_path_rate = drop_path_rate
-        self.features_only = check_bool(owner, "features_only", features_only)
-        remat_policy(remat)  # ValueError listing the policies
-        self.remat = remat
-        self.global_pool = check_choice(owner, "global_pool", global_pool, ("avg", "max"))
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.logits_dtype = jnp.dtype(logits_dtype)
-        if not jnp.issubdtype(self.logits_dtype, jnp.floating):
-            raise TypeError(f"{owner}: logits_dtype must be a floating dtype, got {self.logits_dtype}")
+        drop_path_rate = self.drop_path_rate = check_drop_path_rate(owner, drop_path_rate)
+        self._set_common_options(owner, features_only=features_only, remat=remat, dtype=dtype, param_dtype=param_dtype,
+                                 logits_dtype=logits_dtype)
+        self._set_global_pool(owner, global_pool)
         self.num_features = self.dims[-1]
 
-        total_blocks = sum(self.depths)
-        rates = np.linspace(0.0, drop_path_rate, total_blocks) if total_blocks > 1 else np.zeros(1)
+        rates = drop_path_rates(drop_path_rate, sum(self.depths))
         stages, resolutions, block_index = [], [], 0
         resolution, channels, patch = self.img_size, self.in_chans, self.patch_size
         for s in range(num_stages):
@@ -247,10 +219,7 @@ class Twins(TimmVisionModel):
         self.resolutions = tuple(resolutions)
         self.norm = None if self.features_only else LayerNorm(self.num_features, epsilon=self.norm_eps, dtype=dtype,
                                                               param_dtype=param_dtype)
-        self.head = nnx.data(None)
-        self.num_classes = 0
-        if not self.features_only:
-            self.reset_classifier(num_classes, rngs=rngs)
+        self._init_head(num_classes, rngs)
 
     # ------------------------------------------------------------------------------------------
     # Construction helpers
@@ -258,7 +227,7 @@ class Twins(TimmVisionModel):
 
     def _pairs_per_stage(self, name: str, value) -> tuple[tuple[int, int], ...]:
         """An int for every stage, or one entry (an int or an ``(h, w)`` pair) per stage."""
-        if _is_int(value):
+        if is_int(value):
             value = [value] * self.num_stages
         if not isinstance(value, (list, tuple)) or len(value) != self.num_stages:
             raise ValueError(
@@ -292,36 +261,15 @@ class Twins(TimmVisionModel):
                 get_mixer_class(name)  # ValueError listing the known mixers
         return cycles
 
-    @staticmethod
-    def _block_options(block_options, num_stages: int) -> list[list[dict] | None]:
-        if block_options is None:
-            return [None] * num_stages
-        if not isinstance(block_options, (list, tuple)) or not block_options:
-            raise ValueError(f"{_OWNER}: block_options must be a non-empty sequence of dicts, or one per stage, got {block_options!r}")
-        if all(isinstance(o, dict) for o in block_options):
-            return [list(block_options)] * num_stages
-        if len(block_options) != num_stages or not all(
-            o is None or (isinstance(o, (list, tuple)) and o and all(isinstance(d, dict) for d in o)) for o in block_options
-        ):
-            raise ValueError(
-                f"{_OWNER}: block_options must be a sequence of dicts (cycled over every stage's blocks) or "
-                f"{num_stages} such sequences (or None), one per stage; got {block_options!r}"
-            )
-        return [None if o is None else list(o) for o in block_options]
-
     def _mixer_options(self, name: str, stage: int, resolution, stage_options: dict, block: dict) -> dict:
         cls = get_mixer_class(name)
-        options: dict[str, Any] = {}
-        if name == "attention":
-            options.update(causal=False, use_rope=False, out_bias=True)
-        if _takes(cls, "qkv_bias"):
-            options["qkv_bias"] = self.qkv_bias
-        if _takes(cls, "sr_ratio"):
+        # qkv_bias only where the constructor names it (a **kwargs catch-all does not count); resolution
+        # for mixers with parameters sized to the map (as the Swin backbone does)
+        options = mixer_defaults(cls, name, self.qkv_bias, resolution=resolution, var_keyword=False)
+        if takes_option(cls, "sr_ratio", var_keyword=False):
             options["sr_ratio"] = self.sr_ratios[stage]
-        if self.wss is not None and _takes(cls, "window_size"):
+        if self.wss is not None and takes_option(cls, "window_size", var_keyword=False):
             options["window_size"] = self.wss[stage]
-        if _takes(cls, "resolution"):  # mixers with parameters sized to the map (as the Swin backbone does)
-            options["resolution"] = tuple(resolution)
         options.update(stage_options)
         options.update(block)
         return options
@@ -329,10 +277,6 @@ class Twins(TimmVisionModel):
     # ------------------------------------------------------------------------------------------
     # timm's contract
     # ------------------------------------------------------------------------------------------
-
-    def _set_global_pool(self, owner: str, global_pool: str) -> None:
-        """``reset_classifier``'s ``global_pool``: "avg" or "max" over H, W."""
-        self.global_pool = check_choice(owner, "global_pool", global_pool, ("avg", "max"))
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
@@ -368,11 +312,6 @@ class Twins(TimmVisionModel):
             return None
         return lambda index, x: self.norm(x) if index == self.num_stages - 1 else x
 
-    def _pre_logits(self, features: jax.Array) -> jax.Array:
-        """features ``[B, h, w, num_features]`` -> ``[B, num_features]``: "avg" or "max" pooling."""
-        self._check_feature_map(features)
-        return global_avg_pool(features) if self.global_pool == "avg" else jnp.max(features, axis=(1, 2))
-
     def forward_flops(self, example_shape: Sequence[int] | None = None) -> int:
         """Analytic forward FLOPs for ONE image (matmuls and convolutions, 2 per multiply-add).
 
@@ -385,24 +324,13 @@ class Twins(TimmVisionModel):
           example_shape: ``(H, W, C)`` of one image; must equal the model's (default).
         Raises ``TypeError`` if a mixer has no ``flops`` method.
         """
-        want = (*self.img_size, self.in_chans)
-        if example_shape is not None and tuple(example_shape) != want:
-            raise ValueError(f"{_OWNER}.forward_flops: example_shape must be (H, W, C) = {want}, got {tuple(example_shape)!r}")
+        self._check_example_shape(example_shape)
         total = 0
         for stage, (height, width) in zip(self.stages, self.resolutions, strict=True):
             tokens = height * width
             total += 2 * tokens * stage.patch_embed.proj.in_features[0] * stage.patch_embed.proj.out_features[0]
             for block in stage.blocks:
-                if block.spatial:
-                    flops = getattr(block.mixer, "flops", None)
-                    if not callable(flops):
-                        raise TypeError(
-                            f"{_OWNER}.forward_flops: mixer {type(block.mixer).__module__}."
-                            f"{type(block.mixer).__qualname__} has no flops(height, width) method"
-                        )
-                    total += int(flops(height, width))
-                else:
-                    total += mixer_flops(block.mixer, tokens, _OWNER)
+                total += map_mixer_flops(block.mixer, block.spatial, height, width, _OWNER)
                 total += mlp_flops(block.mlp, tokens)
             total += stage.pos_block.flops(height, width)
         return int(total + 2 * self.num_features * self.num_classes)

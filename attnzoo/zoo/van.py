@@ -41,16 +41,28 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from attnzoo.layers import Dense, LayerNorm, create_mixer, get_mixer_class
 from attnzoo.layers import van as _van  # noqa: F401  (registers van_lka / van_attention)
-from attnzoo.layers.common import DType, as_pair, check_bool, check_choice, gelu, partitioned
+from attnzoo.layers.common import DType, as_pair, check_bool, gelu, partitioned
 from attnzoo.layers.conv import BatchNorm, Conv2d
 from attnzoo.layers.gates import list_gates, make_gate
 from attnzoo.pallas_kernels.common import check_float, check_int
-from attnzoo.zoo.common import TimmVisionModel, build_from_preset, global_avg_pool, remat_policy
+from attnzoo.zoo.common import (
+    TimmVisionModel,
+    apply_mixer,
+    build_from_preset,
+    check_drop_path_rate,
+    check_widths_and_depths,
+    drop_path_rates,
+    ints_per_stage,
+    is_spatial_mixer,
+    map_mixer_flops,
+    per_stage,
+    ratios_per_stage,
+    remat_policy,
+)
 from attnzoo.zoo.registry import register_model
 
 __all__ = ["VAN", "VANBlock", "VANStage", "VANMlp", "OverlapPatchEmbed"]
@@ -104,7 +116,7 @@ class VANBlock(nnx.Module):
                  gate: str | None, gate_options: dict[str, Any], layer_scale_init: float | None, drop_path: float,
                  norm_eps: float, norm_momentum: float, dtype: DType | None, param_dtype: DType, rngs: nnx.Rngs):
         norm = dict(epsilon=norm_eps, momentum=norm_momentum, dtype=dtype, param_dtype=param_dtype)
-        self.spatial = getattr(get_mixer_class(mixer), "spatial_ndim", 1) == 2
+        self.spatial = is_spatial_mixer(mixer)
         self.norm1 = BatchNorm(dim, **norm)
         self.mixer = create_mixer(mixer, dim=dim, num_heads=num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                   **mixer_options)
@@ -129,13 +141,7 @@ class VANBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x ``[B, h, w, C]`` -> ``[B, h, w, C]``."""
-        batch, height, width, channels = x.shape
-        normed = self.norm1(x)
-        if self.spatial:
-            mixed = self.mixer(normed)
-        else:
-            mixed = self.mixer(normed.reshape(batch, height * width, channels)).reshape(x.shape)
-        x = self._residual(x, mixed, self.layer_scale_1)
+        x = self._residual(x, apply_mixer(self.mixer, self.spatial, self.norm1(x)), self.layer_scale_1)
         branch = self.mlp(self.norm2(x))
         if self.gate is not None:
             branch = self.gate(branch)
@@ -144,13 +150,7 @@ class VANBlock(nnx.Module):
     def flops(self, height: int, width: int) -> int:
         """The mixer's (``flops(h, w)`` of a 2-D mixer, ``flops(h * w)`` of a 1-D one), the MLP's and
         the gate's FLOPs."""
-        flops = getattr(self.mixer, "flops", None)
-        if not callable(flops):
-            raise TypeError(
-                f"{_OWNER}.forward_flops: mixer {type(self.mixer).__module__}.{type(self.mixer).__qualname__} has "
-                "no flops method, so its cost cannot be counted; add one to the mixer"
-            )
-        total = int(flops(height, width) if self.spatial else flops(height * width))
+        total = map_mixer_flops(self.mixer, self.spatial, height, width, _OWNER)
         total += self.mlp.flops(height, width)
         if self.gate is not None:
             total += int(self.gate.flops(height, width))
@@ -194,23 +194,6 @@ class VANStage(nnx.Module):
         for block in self.blocks:
             x = _apply_block(block, x, self.policy) if self.use_remat else block(x)
         return self.norm(x)
-
-
-def _per_stage(name: str, value, count: int, is_item) -> list:
-    """``value`` for every stage, or a sequence with one entry per stage."""
-    if is_item(value):
-        return [value] * count
-    if not isinstance(value, (list, tuple)) or len(value) != count or not all(is_item(v) for v in value):
-        raise ValueError(f"{_OWNER}: {name} must be one value or a sequence of {count} (one per stage), got {value!r}")
-    return list(value)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 class VAN(TimmVisionModel):
@@ -275,27 +258,17 @@ class VAN(TimmVisionModel):
         owner = _OWNER
         self.img_size = as_pair(owner, "img_size", img_size)
         self.in_chans = check_int(owner, "in_chans", in_chans)
-        if not isinstance(embed_dims, (tuple, list)) or not isinstance(depths, (tuple, list)) or not embed_dims \
-                or len(embed_dims) != len(depths):
-            raise ValueError(
-                f"{owner}: embed_dims and depths must be sequences of the same (non-zero) length, "
-                f"got {embed_dims!r} and {depths!r}"
-            )
-        self.embed_dims = tuple(check_int(owner, f"embed_dims[{i}]", d) for i, d in enumerate(embed_dims))
-        self.depths = tuple(check_int(owner, f"depths[{i}]", d) for i, d in enumerate(depths))
+        self.embed_dims, self.depths = check_widths_and_depths(owner, embed_dims, depths)
         count = self.num_stages = len(self.depths)
-        ratios = _per_stage("mlp_ratios", mlp_ratios, count, _is_number)
-        self.mlp_ratios = tuple(check_float(owner, f"mlp_ratios[{i}]", r, positive=True, allow_none=False)
-                                for i, r in enumerate(ratios))
-        self.mixer_names = tuple(_per_stage("mixer", mixer, count, lambda v: isinstance(v, str)))
+        self.mlp_ratios = ratios_per_stage(owner, "mlp_ratios", mlp_ratios, count)
+        self.mixer_names = tuple(per_stage(owner, "mixer", mixer, count, lambda v: isinstance(v, str)))
         for name in self.mixer_names:
             get_mixer_class(name)  # ValueError listing the known mixers
-        stage_options = _per_stage("mixer_options", {} if mixer_options is None else mixer_options, count,
-                                   lambda v: isinstance(v, dict))
+        stage_options = per_stage(owner, "mixer_options", {} if mixer_options is None else mixer_options, count,
+                                  lambda v: isinstance(v, dict))
         if num_heads is None:
             num_heads = [max(1, d // 32) for d in self.embed_dims]
-        heads = _per_stage("num_heads", num_heads, count, _is_int)
-        self.num_heads = tuple(check_int(owner, f"num_heads[{i}]", h) for i, h in enumerate(heads))
+        self.num_heads = ints_per_stage(owner, "num_heads", num_heads, count)
         if gate is not None and gate not in list_gates():
             raise ValueError(f"{owner}: gate must be None or one of {list_gates()}, got {gate!r}")
         if gate_options is not None and not isinstance(gate_options, dict):
@@ -304,24 +277,15 @@ class VAN(TimmVisionModel):
         self.layer_scale_init = check_float(owner, "layer_scale_init", layer_scale_init)
         self.norm_eps = check_float(owner, "norm_eps", norm_eps, positive=True, allow_none=False)
         bn_eps = check_float(owner, "bn_eps", bn_eps, positive=True, allow_none=False)
-        drop_path_rate = check_float(owner, "drop_path_rate", drop_path_rate, allow_none=False)
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"{owner}: drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        self.drop_path_rate = drop_path_rate
-        self.features_only = check_bool(owner, "features_only", features_only)
-        remat_policy(remat)  # ValueError listing the policies
-        self.remat = remat
-        self.global_pool = check_choice(owner, "global_pool", global_pool, ("avg", "max"))
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.logits_dtype = jnp.dtype(logits_dtype)
-        if not jnp.issubdtype(self.logits_dtype, jnp.floating):
-            raise TypeError(f"{owner}: logits_dtype must be a floating dtype, got {self.logits_dtype}")
+        drop_path_rate = self.drop_path_rate = check_drop_path_rate(owner, drop_path_rate)
+        self._set_common_options(owner, features_only=features_only, remat=remat, dtype=dtype, param_dtype=param_dtype,
+                                 logits_dtype=logits_dtype)
+        self._set_global_pool(owner, global_pool)
         self.num_features = self.embed_dims[-1]
 
         common = dict(dtype=dtype, param_dtype=param_dtype)
         bn = dict(norm_eps=bn_eps, norm_momentum=bn_momentum)
-        rates = np.linspace(0.0, drop_path_rate, sum(self.depths))
+        rates = drop_path_rates(drop_path_rate, sum(self.depths))
         stages, sizes, resolution, index = [], [], self.img_size, 0
         in_features = self.in_chans
         for s in range(count):
@@ -351,10 +315,6 @@ class VAN(TimmVisionModel):
     # timm's contract
     # ------------------------------------------------------------------------------------------
 
-    def _set_global_pool(self, owner: str, global_pool: str) -> None:
-        """``reset_classifier``'s ``global_pool``: "avg" or "max" over H, W."""
-        self.global_pool = check_choice(owner, "global_pool", global_pool, ("avg", "max"))
-
     @property
     def feature_info(self) -> list[dict[str, Any]]:
         """One entry per stage (after its LayerNorm): ``num_chs``, ``reduction`` (4, 8, 16, 32),
@@ -373,11 +333,6 @@ class VAN(TimmVisionModel):
     def forward_features(self, images: jax.Array) -> jax.Array:
         """images ``[B,H,W,C]`` -> the last stage's normed output ``[B, h, w, num_features]``."""
         return self._feature_maps(images, self.num_stages - 1)[-1]
-
-    def _pre_logits(self, features: jax.Array) -> jax.Array:
-        """features ``[B, h, w, num_features]`` -> ``[B, num_features]`` ("avg" or "max" pooling)."""
-        self._check_feature_map(features)
-        return global_avg_pool(features) if self.global_pool == "avg" else jnp.max(features, axis=(1, 2))
 
     def _intermediate_norm(self, owner: str, norm):
         """``norm`` is accepted for timm's signature; every stage's output is already normed (the
@@ -401,9 +356,7 @@ class VAN(TimmVisionModel):
           example_shape: ``(H, W, C)`` of one image; must equal the model's (default).
         Raises ``TypeError`` if a mixer has no ``flops`` method.
         """
-        want = (*self.img_size, self.in_chans)
-        if example_shape is not None and tuple(example_shape) != want:
-            raise ValueError(f"{_OWNER}.forward_flops: example_shape must be (H, W, C) = {want}, got {tuple(example_shape)!r}")
+        self._check_example_shape(example_shape)
         total, previous = 0, self.img_size
         for stage, (height, width) in zip(self.stages, self.feature_sizes, strict=True):
             total += stage.patch_embed.proj.flops(*previous)

@@ -30,7 +30,7 @@ from flax import nnx
 from attnzoo.layers import MLP, Dense, LayerNorm, create_mixer, get_mixer_class
 from attnzoo.layers.common import DType, as_pair, partitioned
 from attnzoo.pallas_kernels.common import check_int
-from attnzoo.zoo.common import LayerStack, TimmVisionModel, build_from_preset, mixer_flops, mlp_flops
+from attnzoo.zoo.common import LayerStack, TimmVisionModel, build_from_preset, check_logits_dtype, mixer_flops, mlp_flops
 from attnzoo.zoo.convert import assign, linear_kernel, load_stacked
 from attnzoo.zoo.registry import register_model
 from attnzoo.zoo.timm_convert import load_dense, load_layer_norm, register_timm_converter
@@ -179,9 +179,7 @@ class VisionTransformer(TimmVisionModel):
         self.num_features = self.dim
         self.dtype = dtype
         self.param_dtype = param_dtype
-        self.logits_dtype = jnp.dtype(logits_dtype)
-        if not jnp.issubdtype(self.logits_dtype, jnp.floating):
-            raise TypeError(f"{owner}: logits_dtype must be a floating dtype, got {self.logits_dtype}")
+        self.logits_dtype = check_logits_dtype(owner, logits_dtype)
 
         patch_pixels = self.patch_size[0] * self.patch_size[1] * self.in_chans
         dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -314,11 +312,7 @@ class VisionTransformer(TimmVisionModel):
           example_shape: ``(H, W, C)`` of one image; must equal the model's (default).
         Raises ``TypeError`` if the mixer has no ``flops`` method.
         """
-        want = (*self.img_size, self.in_chans)
-        if example_shape is not None and tuple(example_shape) != want:
-            raise ValueError(
-                f"VisionTransformer.forward_flops: example_shape must be (H, W, C) = {want}, got {tuple(example_shape)!r}"
-            )
+        self._check_example_shape(example_shape)
         patch_pixels = self.patch_size[0] * self.patch_size[1] * self.in_chans
         mixer = self.blocks.layers.mixer
         per_block = mixer_flops(mixer, self.num_tokens, "VisionTransformer") + mlp_flops(

@@ -12,31 +12,20 @@ from attnzoo import layers
 from attnzoo.layers.crossformer import CrossFormerAttention, CrossScaleEmbedding, cel_channels, relative_offsets
 from attnzoo.pallas_kernels.testing import assert_close, float64, rel_rms
 from tests.layers.crossformer_reference import lsda_groups, numpy_cel, numpy_lsda
+from tests.layers.testing import as_float64, check_gradients, make_mixer, random_map
 from tests.zoo.helpers import build, fast_jit
 
 
 def make(seed=0, **options):
     options = {"dim": 32, "num_heads": 2, **options}
-    return build(lambda: layers.create_mixer("crossformer_lsda", rngs=nnx.Rngs(seed), **options), seed=seed, scale=0.5)
+    return make_mixer("crossformer_lsda", seed, **options)
 
 
 def make_cel(seed=0, **options):
     return build(lambda: CrossScaleEmbedding(rngs=nnx.Rngs(seed), **options), seed=seed, scale=0.5)
 
 
-def as_float64(module):
-    """Every parameter cast to float64, in place (call inside ``float64()``)."""
-    for _, variable in nnx.iter_graph(module):
-        if isinstance(variable, nnx.Param):
-            variable.set_value(jnp.asarray(variable.get_value(), jnp.float64))
-    return module
-
-
 apply = fast_jit(lambda module, x: module(x))
-
-
-def random_map(seed, shape):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 # (height, width, options): dividing and padded sizes, both modes, the small-map rule. Compared in
@@ -115,37 +104,8 @@ def _check_gradients(m, x, reference, expected_params):
     """Directional derivatives of ``sum(y * cotangent)`` along a random direction of each parameter
     (and of x), by jax in float64 vs central differences of the numpy reference."""
     cotangent = np.random.default_rng(5).normal(size=reference(m, x).shape)
-
-    def loss(model, x):
-        return jnp.sum(model(x) * cotangent)
-
-    grads, x_grad = fast_jit(lambda model, x: nnx.grad(loss, argnums=(0, 1))(model, x))(m, jnp.asarray(x))
-    rng = np.random.default_rng(6)
-    checked = []
-    for path, variable in nnx.iter_graph(m):
-        if not isinstance(variable, nnx.Param):
-            continue
-        grad = grads
-        for key in path:
-            grad = grad[key]
-        grad = np.asarray(grad[...])
-        value = np.asarray(variable.get_value())
-        direction = rng.normal(size=value.shape)
-        eps = 1e-5
-        variable.set_value(jnp.asarray(value + eps * direction))
-        up = np.sum(reference(m, x) * cotangent)
-        variable.set_value(jnp.asarray(value - eps * direction))
-        down = np.sum(reference(m, x) * cotangent)
-        variable.set_value(jnp.asarray(value))
-        numeric = (up - down) / (2 * eps)
-        assert np.abs(np.sum(grad * direction) - numeric) <= 1e-6 * max(1.0, abs(numeric)), path
-        assert np.any(grad != 0), path
-        checked.append(".".join(map(str, path)))
+    checked = check_gradients(m, x, cotangent, reference, np.random.default_rng(6))
     assert len(checked) == expected_params, checked
-    direction = rng.normal(size=x.shape)
-    numeric = (np.sum(reference(m, x + 1e-5 * direction) * cotangent)
-               - np.sum(reference(m, x - 1e-5 * direction) * cotangent)) / 2e-5
-    assert np.abs(np.sum(np.asarray(x_grad) * direction) - numeric) <= 1e-6 * max(1.0, abs(numeric))
 
 
 @pytest.mark.parametrize("options", [dict(mode="lda", interval=2), dict(mode="sda", dpb_residual=True)])

@@ -12,6 +12,7 @@ from attnzoo import layers
 from attnzoo.layers.davit import ChannelGroupAttention, ConvPosEnc, DaViTWindowAttention
 from attnzoo.pallas_kernels.testing import assert_close, float64, rel_rms
 from tests.layers.davit_reference import numpy_channel_group_attention, numpy_conv_pos_enc
+from tests.layers.testing import as_float64, check_gradients
 from tests.layers.window_reference import numpy_window_attention
 from tests.zoo.helpers import build, fast_jit, traced_matmul_flops
 
@@ -22,14 +23,6 @@ def make(name, seed=0, **options):
     else:
         factory = lambda: layers.create_mixer(name, rngs=nnx.Rngs(seed), **options)  # noqa: E731
     return build(factory, seed=seed, scale=0.5)
-
-
-def as_float64(module):
-    """Every parameter cast to float64, in place (call inside ``float64()``)."""
-    for _, variable in nnx.iter_graph(module):
-        if isinstance(variable, nnx.Param):
-            variable.set_value(jnp.asarray(variable.get_value(), jnp.float64))
-    return module
 
 
 apply = fast_jit(lambda module, x: module(x))
@@ -103,40 +96,9 @@ def test_gradients_of_every_parameter_and_the_input_match_finite_differences(nam
         m = as_float64(make(name, seed=3, **options))
         x = np.random.default_rng(4).normal(size=(1, 5, 4, m.dim))
         cotangent = np.random.default_rng(5).normal(size=x.shape)
-
-        def loss(model, x):
-            return jnp.sum(model(x) * cotangent)
-
-        grads, x_grad = fast_jit(lambda model, x: nnx.grad(loss, argnums=(0, 1))(model, x))(m, jnp.asarray(x))
-        checked = []
-        rng = np.random.default_rng(6)
-        for path, variable in nnx.iter_graph(m):
-            if not isinstance(variable, nnx.Param):
-                continue
-            grad = grads
-            for key in path:
-                grad = grad[key]
-            grad = np.asarray(grad[...])
-            value = np.asarray(variable.get_value())
-            direction = rng.normal(size=value.shape)
-            eps = 1e-5
-            variable.set_value(jnp.asarray(value + eps * direction))
-            up = np.sum(reference(m, x) * cotangent)
-            variable.set_value(jnp.asarray(value - eps * direction))
-            down = np.sum(reference(m, x) * cotangent)
-            variable.set_value(jnp.asarray(value))
-            numeric = (up - down) / (2 * eps)
-            assert np.abs(np.sum(grad * direction) - numeric) <= 1e-6 * max(1.0, abs(numeric)), path
-            assert np.any(grad != 0), path
-            checked.append(".".join(map(str, path)))
+        checked = check_gradients(m, x, cotangent, reference, np.random.default_rng(6))
         expected = {"proj.kernel", "proj.bias"} | ({"qkv.kernel", "qkv.bias"} if name != "conv_pos_enc" else set())
         assert set(checked) == expected, checked
-        direction = rng.normal(size=x.shape)
-        numeric = (
-            np.sum(reference(m, x + 1e-5 * direction) * cotangent)
-            - np.sum(reference(m, x - 1e-5 * direction) * cotangent)
-        ) / 2e-5
-        assert np.abs(np.sum(np.asarray(x_grad) * direction) - numeric) <= 1e-6 * max(1.0, abs(numeric))
 
 
 def test_flops_bfloat16_and_logical_axes():

@@ -10,6 +10,7 @@ from flax import nnx
 from attnzoo import layers
 from attnzoo.layers.twins import GlobalSubsampledAttention, LocallyGroupedAttention, PositionalEncodingGenerator
 from attnzoo.pallas_kernels.testing import assert_close, float64, rel_rms
+from tests.layers.testing import as_float64, check_gradients, make_mixer, parameters
 from tests.layers.twins_reference import numpy_global_subsampled, numpy_locally_grouped, numpy_peg
 from tests.zoo.helpers import build, fast_jit
 
@@ -19,15 +20,7 @@ REFERENCES = {LSA: numpy_locally_grouped, GSA: numpy_global_subsampled}
 
 def make(name, seed=0, **options):
     options = {"dim": 12, "num_heads": 3, **options}
-    return build(lambda: layers.create_mixer(name, rngs=nnx.Rngs(seed), **options), seed=seed, scale=0.5)
-
-
-def as_float64(module):
-    """Every parameter cast to float64, in place (call inside ``float64()``)."""
-    for _, variable in nnx.iter_graph(module):
-        if isinstance(variable, nnx.Param):
-            variable.set_value(jnp.asarray(variable.get_value(), jnp.float64))
-    return module
+    return make_mixer(name, seed, **options)
 
 
 apply = fast_jit(lambda module, x: module(x))
@@ -79,10 +72,6 @@ def test_the_reference_can_tell_the_mixers_apart():
     assert rel_rms(apply(gsa, x), numpy_global_subsampled(swapped, x)) > 0.05
 
 
-def _parameters(module):
-    return [(path, variable) for path, variable in nnx.iter_graph(module) if isinstance(variable, nnx.Param)]
-
-
 # (module factory, map size, number of parameters): padded LSA, non-dividing GSA, global GSA, PEG
 GRADIENT_CASES = [
     (lambda: LocallyGroupedAttention(12, 3, window_size=3, rngs=nnx.Rngs(0)), (5, 7), numpy_locally_grouped, 4),
@@ -100,37 +89,8 @@ def test_gradients_of_every_parameter_and_the_input_match_finite_differences(fac
         m = as_float64(build(factory, seed=3, scale=0.5))
         x = np.random.default_rng(4).normal(size=(2, *size, m.dim))
         cotangent = np.random.default_rng(5).normal(size=x.shape)
-
-        def loss(model, x):
-            return jnp.sum(model(x) * cotangent)
-
-        grads, x_grad = fast_jit(lambda model, x: nnx.grad(loss, argnums=(0, 1))(model, x))(m, jnp.asarray(x))
-
-        def numeric(perturb):
-            return (np.sum(reference(m, perturb(1e-5)) * cotangent) - np.sum(reference(m, perturb(-1e-5)) * cotangent)) / 2e-5
-
-        rng = np.random.default_rng(6)
-        parameters = _parameters(m)
-        assert len(parameters) == count
-        for path, variable in parameters:
-            grad = grads
-            for key in path:
-                grad = grad[key]
-            grad = np.asarray(grad[...])
-            value = np.asarray(variable.get_value())
-            direction = rng.normal(size=value.shape)
-
-            def perturb(eps, variable=variable, value=value, direction=direction):
-                variable.set_value(jnp.asarray(value + eps * direction))
-                return x
-
-            expected = numeric(perturb)
-            variable.set_value(jnp.asarray(value))
-            assert np.abs(np.sum(grad * direction) - expected) <= 1e-6 * max(1.0, abs(expected)), path
-            assert np.any(grad != 0), path
-        direction = rng.normal(size=x.shape)
-        expected = numeric(lambda eps: x + eps * direction)
-        assert np.abs(np.sum(np.asarray(x_grad) * direction) - expected) <= 1e-6 * max(1.0, abs(expected))
+        checked = check_gradients(m, x, cotangent, reference, np.random.default_rng(6))
+        assert len(checked) == count, checked
 
 
 def test_bfloat16_flops_and_logical_axes():
@@ -143,7 +103,7 @@ def test_bfloat16_flops_and_logical_axes():
         assert rel_rms(y, reference(m, x)) < 2e-2
         assert layers.get_mixer_class(name).spatial_ndim == 2
     gsa = make(GSA, sr_ratio=2)
-    specs = {".".join(map(str, p)): v.get_metadata().get("out_sharding") for p, v in _parameters(gsa)}
+    specs = {".".join(map(str, p)): v.get_metadata().get("out_sharding") for p, v in parameters(gsa)}
     assert specs == {
         "q.kernel": ("embed", "heads", "head_dim"),
         "q.bias": ("heads", "head_dim"),
@@ -157,7 +117,7 @@ def test_bfloat16_flops_and_logical_axes():
         "norm.bias": ("norm",),
     }
     lsa = make(LSA, window_size=3)
-    assert {".".join(map(str, p)) for p, _ in _parameters(lsa)} == {"qkv.kernel", "qkv.bias", "proj.kernel", "proj.bias"}
+    assert {".".join(map(str, p)) for p, _ in parameters(lsa)} == {"qkv.kernel", "qkv.bias", "proj.kernel", "proj.bias"}
     # flops: qkv on the 9 x 9 padded map, 9-token windows, projection of the 8 x 8 map (A = D = 12)
     assert lsa.flops(8, 8) == 2 * 81 * 12 * 36 + 4 * 81 * 9 * 12 + 2 * 64 * 12 * 12
     # q, conv (16 keys of 2x2x12x12), kv, attention over 16 keys, projection

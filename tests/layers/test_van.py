@@ -15,6 +15,7 @@ from attnzoo.layers import Conv2d
 from attnzoo.layers.van import LargeKernelAttention, VANAttention
 from attnzoo.pallas_kernels.testing import assert_close, float64, rel_rms
 from tests.layers import van_reference as ref
+from tests.layers.testing import check_gradients
 from tests.zoo.helpers import build, fast_jit, traced_matmul_flops
 
 
@@ -90,26 +91,8 @@ def test_gradients_of_every_parameter_and_the_input_match_finite_differences():
         m = make("van_attention", 3, seed=4, param_dtype=jnp.float64)
         x = np.random.default_rng(5).normal(size=(2, 5, 6, 3))
         cotangent = np.random.default_rng(6).normal(size=x.shape)
-        loss = lambda m, x: jnp.sum(m(x) * cotangent)  # noqa: E731
-        grads, x_grad = fast_jit(lambda m, x: nnx.grad(loss, argnums=(0, 1))(m, x))(m, jnp.asarray(x))
-        params = dict(nnx.to_flat_state(nnx.state(m, nnx.Param)))
-        grad_values = dict(nnx.to_flat_state(nnx.state(grads, nnx.Param)))
-        assert len(params) == 10  # proj_1, conv0, conv_spatial, conv1, proj_2: kernel + bias each
-        rng = np.random.default_rng(7)
-        for path, variable in params.items():
-            value, grad = np.asarray(variable.get_value()), np.asarray(grad_values[path][...])
-            assert np.any(grad != 0), path
-            direction = rng.normal(size=value.shape)
-            sums = []
-            for sign in (1, -1):
-                variable.set_value(jnp.asarray(value + sign * 1e-6 * direction))
-                sums.append(np.sum(ref.van_attention(m, x) * cotangent))
-            variable.set_value(jnp.asarray(value))
-            np.testing.assert_allclose(np.sum(grad * direction), (sums[0] - sums[1]) / 2e-6, rtol=1e-6, err_msg=str(path))
-        direction = rng.normal(size=x.shape)
-        numeric = (np.sum(ref.van_attention(m, x + 1e-6 * direction) * cotangent)
-                   - np.sum(ref.van_attention(m, x - 1e-6 * direction) * cotangent)) / 2e-6
-        np.testing.assert_allclose(np.sum(np.asarray(x_grad) * direction), numeric, rtol=1e-6)
+        checked = check_gradients(m, x, cotangent, ref.van_attention, np.random.default_rng(7), eps=1e-6, floor=0.0)
+        assert len(checked) == 10, checked  # proj_1, conv0, conv_spatial, conv1, proj_2: kernel + bias each
 
 
 def test_flops_registry_dtype_and_logical_axes():

@@ -24,6 +24,7 @@ from tests.layers.vision_linear_reference import (
     numpy_efficient_attention,
     numpy_focused_linear_attention,
 )
+from tests.layers.testing import as_float64, check_finite_differences, make_mixer
 from tests.zoo.helpers import build, fast_jit
 
 REFERENCES = {
@@ -35,14 +36,7 @@ REFERENCES = {
 
 def make(name, seed=0, **options):
     options = {"dim": 12, "num_heads": 3, **options}
-    return build(lambda: layers.create_mixer(name, rngs=nnx.Rngs(seed), **options), seed=seed, scale=0.5)
-
-
-def as_float64(module):
-    for _, variable in nnx.iter_graph(module):
-        if isinstance(variable, nnx.Param):
-            variable.set_value(jnp.asarray(variable.get_value(), jnp.float64))
-    return module
+    return make_mixer(name, seed, **options)
 
 
 apply = fast_jit(lambda module, x: module(x))
@@ -124,33 +118,8 @@ def test_gradients_of_every_parameter_and_the_input_match_finite_differences(nam
         step = fast_jit(lambda model, x: nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(model, x))
         (_, y), (grads, x_grad) = step(m, jnp.asarray(x))
         assert_close(y, reference(m, x), f"{name} float64", dtype=jnp.float64)
-        checked = 0
-        rng = np.random.default_rng(6)
-        for path, variable in nnx.iter_graph(m):
-            if not isinstance(variable, nnx.Param):
-                continue
-            grad = grads
-            for key in path:
-                grad = grad[key]
-            grad = np.asarray(grad[...])
-            value = np.asarray(variable.get_value())
-            direction = rng.normal(size=value.shape)
-            eps = 1e-5
-            variable.set_value(jnp.asarray(value + eps * direction))
-            up = np.sum(reference(m, x) * cotangent)
-            variable.set_value(jnp.asarray(value - eps * direction))
-            down = np.sum(reference(m, x) * cotangent)
-            variable.set_value(jnp.asarray(value))
-            numeric = (up - down) / (2 * eps)
-            assert np.abs(np.sum(grad * direction) - numeric) <= 1e-6 * max(1.0, abs(numeric)), path
-            assert np.any(grad != 0), path
-            checked += 1
-        assert checked == count
-        direction = rng.normal(size=x.shape)
-        numeric = (
-            np.sum(reference(m, x + 1e-5 * direction) * cotangent) - np.sum(reference(m, x - 1e-5 * direction) * cotangent)
-        ) / 2e-5
-        assert np.abs(np.sum(np.asarray(x_grad) * direction) - numeric) <= 1e-6 * max(1.0, abs(numeric))
+        checked = check_finite_differences(m, x, cotangent, grads, x_grad, reference, np.random.default_rng(6))
+        assert len(checked) == count, checked
 
 
 def test_every_term_matters():

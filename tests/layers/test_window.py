@@ -17,29 +17,17 @@ from attnzoo.layers.window import (
     window_reverse,
 )
 from attnzoo.pallas_kernels.testing import assert_close, float64, rel_rms
+from tests.layers.testing import as_float64, check_gradients, make_mixer, random_map
 from tests.layers.window_reference import numpy_window_attention
 from tests.zoo.helpers import build, fast_jit
 
 
 def make(seed=0, **options):
     options = {"dim": 12, "num_heads": 3, **options}
-    name = options.pop("name", "swin_window")
-    return build(lambda: layers.create_mixer(name, rngs=nnx.Rngs(seed), **options), seed=seed, scale=0.5)
-
-
-def as_float64(module):
-    """Every parameter cast to float64, in place (call inside ``float64()``)."""
-    for _, variable in nnx.iter_graph(module):
-        if isinstance(variable, nnx.Param):
-            variable.set_value(jnp.asarray(variable.get_value(), jnp.float64))
-    return module
+    return make_mixer(options.pop("name", "swin_window"), seed, **options)
 
 
 apply = fast_jit(lambda module, x: module(x))
-
-
-def random_map(seed, shape):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 # (height, width, options): divisible and padded sizes, square and rectangular windows and shifts
@@ -101,39 +89,8 @@ def test_gradients_of_every_parameter_and_the_input_match_finite_differences():
         m = as_float64(make(seed=3, window_size=3, shift_size=1))
         x = np.random.default_rng(4).normal(size=(1, 5, 7, 12))
         cotangent = np.random.default_rng(5).normal(size=x.shape)
-
-        def loss(model, x):
-            return jnp.sum(model(x) * cotangent)
-
-        grads, x_grad = fast_jit(lambda model, x: nnx.grad(loss, argnums=(0, 1))(model, x))(m, jnp.asarray(x))
-        checked = 0
-        rng = np.random.default_rng(6)
-        for path, variable in nnx.iter_graph(m):
-            if not isinstance(variable, nnx.Param):
-                continue
-            grad = grads
-            for key in path:
-                grad = grad[key]
-            grad = np.asarray(grad[...])
-            value = np.asarray(variable.get_value())
-            direction = rng.normal(size=value.shape)
-            eps = 1e-5
-            variable.set_value(jnp.asarray(value + eps * direction))
-            up = np.sum(numpy_window_attention(m, x) * cotangent)
-            variable.set_value(jnp.asarray(value - eps * direction))
-            down = np.sum(numpy_window_attention(m, x) * cotangent)
-            variable.set_value(jnp.asarray(value))
-            numeric = (up - down) / (2 * eps)
-            assert np.abs(np.sum(grad * direction) - numeric) <= 1e-6 * max(1.0, abs(numeric)), path
-            assert np.any(grad != 0), path
-            checked += 1
-        assert checked == 5  # qkv kernel/bias, proj kernel/bias, bias table
-        direction = rng.normal(size=x.shape)
-        numeric = (
-            np.sum(numpy_window_attention(m, x + 1e-5 * direction) * cotangent)
-            - np.sum(numpy_window_attention(m, x - 1e-5 * direction) * cotangent)
-        ) / 2e-5
-        assert np.abs(np.sum(np.asarray(x_grad) * direction) - numeric) <= 1e-6 * max(1.0, abs(numeric))
+        checked = check_gradients(m, x, cotangent, numpy_window_attention, np.random.default_rng(6))
+        assert len(checked) == 5, checked  # qkv kernel/bias, proj kernel/bias, bias table
 
 
 def test_jit_bfloat16_and_logical_axes():

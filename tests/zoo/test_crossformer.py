@@ -77,6 +77,8 @@ def test_stage_mixers_are_swappable_by_name():
     model = nnx.eval_shape(lambda: zoo.create_model("crossformer_tiny", rngs=nnx.Rngs(0), **overrides))
     kinds = [type(stage.blocks[0].mixer).__name__ for stage in model.layers]
     assert kinds == ["CrossFormerAttention", "WindowAttention", "Attention", "CrossFormerAttention"]
+    attention = model.layers[2].blocks[0].mixer  # an image backbone's attention: bidirectional, no RoPE
+    assert (attention.causal, attention.use_rope, attention.o_proj.bias is not None) == (False, False, True)
     assert [block.mixer.mode for block in model.layers[0].blocks] == ["sda", "lda"]
     assert model.layers[0].blocks[1].mixer.interval == 2
     logits = jax.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, 52, 72, 3), jnp.float32))
