@@ -33,11 +33,13 @@ from attnzoo.pallas_kernels.attention.masks import (
     block_metadata,
     build_mask,
 )
+from attnzoo.pallas_kernels.attention.routed import routed_attention
 from attnzoo.pallas_kernels.attention.xla import XlaBlockSizes
 
 __all__ = [
     "attention",
     "attention_decode",
+    "routed_attention",
     "BlockSizes",
     "XlaBlockSizes",
     "DecodeBlockSizes",
