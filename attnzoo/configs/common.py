@@ -10,7 +10,7 @@ def base_config() -> ml_collections.ConfigDict:
     """The trainer's full set of keys with their defaults."""
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.task = "lm"  # "lm" | "mqar" | "classification"
+    config.task = "lm"  # "lm" | "mqar" | "classification" | "super_resolution"
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "python_stdlib_text"  # any TFDS name (prepared as array_record) or an embedded one
@@ -20,7 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.seq_len = config_dict.placeholder(int)  # lm / mqar
     config.data.image_size = config_dict.placeholder(int)  # classification: resize/crop side
     config.data.worker_count = 0  # grain worker processes (0: in the main process)
-    config.data.options = ml_collections.ConfigDict()  # task options, e.g. mean/std for images
+    config.data.options = ml_collections.ConfigDict()  # task options, e.g. mean/std for images, scale for SR
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "lm_tiny"

@@ -58,5 +58,7 @@ from attnzoo.layers import twins as _twins  # noqa: E402,F401  (registers the mi
 from attnzoo.layers import davit as _davit  # noqa: E402,F401  (registers the mixers)
 from attnzoo.layers import vision_linear as _vision_linear  # noqa: E402,F401  (registers the mixers)
 from attnzoo.layers import van as _van  # noqa: E402,F401  (registers the mixers; van imports the gates)
+from attnzoo.layers import hat as _hat  # noqa: E402,F401  (registers the mixers)
+from attnzoo.layers import biformer as _biformer  # noqa: E402,F401  (registers the mixers)
 from attnzoo.layers.conv import Conv2d  # noqa: E402,F401
 from attnzoo.layers.conv import BatchNorm, MBConv, SqueezeExcite  # noqa: E402,F401

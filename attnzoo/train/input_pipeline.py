@@ -16,6 +16,15 @@ Batches (numpy dicts; B = the local batch, ``global_batch_size // process_count`
 ``task="classification"``
   ``image`` float32 [B,H,W,C] (pixels / pixel_max, then ``(x - mean) / std``), ``label`` int32 [B];
   with ``drop_remainder=False`` also ``weight`` float32 [B] (1 for real examples, 0 for padding).
+``task="super_resolution"`` (option ``scale`` = s, an int >= 2 dividing H and W)
+  ``image`` float32 [B,H,W,C], the high-resolution target: pixels / pixel_max, in [0, 1] (no
+  mean/std: super-resolution models take [0, 1] images); ``lowres`` float32 [B,H/s,W/s,C], the
+  model input: the area (box) average of every s x s block of ``image``, so ``lowres[i, j] =
+  mean(image[i*s:(i+1)*s, j*s:(j+1)*s])``; with ``drop_remainder=False`` also ``weight`` float32
+  [B] as for classification. Option ``flip`` (default False) augments the pair: a random horizontal
+  flip and a random rotation by a multiple of 90 degrees (0 or 180 degrees for non-square images),
+  applied to the target before it is averaged (the block grid maps onto itself, so ``lowres`` is
+  the same transform of the unaugmented ``lowres``).
 
 With ``drop_remainder=False`` (eval) the last batch is completed with padding rows whose every field
 is 0, so ``mask`` / ``weight`` is 0 on them and every example is counted exactly once.
@@ -49,7 +58,7 @@ from attnzoo.train import datasets as embedded_datasets
 from attnzoo.train.datasets import python_stdlib_text
 from attnzoo.train.datasets._base import is_prepared
 
-TASKS = ("lm", "mqar", "classification")
+TASKS = ("lm", "mqar", "classification", "super_resolution")
 EMBEDDED = embedded_datasets.EMBEDDED
 IGNORE_LABEL = -100
 TEXT_WINDOW = python_stdlib_text.WINDOW
@@ -66,6 +75,12 @@ _TASK_OPTIONS = {
         "augment": None,
         "crop_fraction": 0.875,
         "resize_method": "nearest",
+    },
+    "super_resolution": {
+        "image_key": "image",
+        "scale": 2,
+        "pixel_max": None,
+        "flip": False,
     },
 }
 _RESIZE_METHODS = ("nearest", "bilinear")
@@ -377,6 +392,49 @@ class _Classify:
         return out
 
 
+def box_downsample(image: np.ndarray, scale: int) -> np.ndarray:
+    """float [H,W,C] -> float32 [H/scale, W/scale, C]: the mean of every scale x scale block."""
+    h, w, c = image.shape
+    blocks = np.asarray(image, np.float32).reshape(h // scale, scale, w // scale, scale, c)
+    return blocks.mean(axis=(1, 3), dtype=np.float32)
+
+
+class _SuperResolve:
+    """An image example -> ``{"image": float32 [H,W,C] in [0,1], "lowres": float32 [H/s,W/s,C]}``
+    (+ ``weight``); see the module docstring. With ``flip`` (as a ``random_map`` transform, ``rng``
+    given) the target is randomly flipped / rotated first."""
+
+    def __init__(self, *, scale, pixel_max, flip, image_key, with_weight):
+        self.scale = scale
+        self.pixel_max = float(pixel_max)
+        self.flip = flip
+        self.image_key = image_key
+        self.with_weight = with_weight
+
+    def __call__(self, example, rng=None):
+        image = np.asarray(example[self.image_key])
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3:
+            raise ValueError(f"super_resolution: {self.image_key!r} must be [H,W,C], got shape {image.shape}")
+        h, w = image.shape[:2]
+        if h % self.scale or w % self.scale:
+            raise ValueError(
+                f"super_resolution: option scale={self.scale} must divide the image height and width, "
+                f"got an image of {h}x{w}"
+            )
+        if self.flip:
+            if rng.random() < 0.5:
+                image = image[:, ::-1]
+            turns = int(rng.integers(0, 4)) if h == w else 2 * int(rng.integers(0, 2))
+            image = np.rot90(image, turns, axes=(0, 1))
+        x = np.ascontiguousarray(image, np.float32) / np.float32(self.pixel_max)
+        out = {"image": x, "lowres": box_downsample(x, self.scale)}
+        if self.with_weight:
+            out["weight"] = np.float32(1.0)
+        return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Index-level datasets: padding and per-host global-batch rows.
 
@@ -548,6 +606,43 @@ def _features(source) -> dict:
     return dict(info.features) if info is not None and info.features is not None else {}
 
 
+def _super_resolution(name, options, features, metadata, image_size, *, with_weight):
+    """Checks the ``super_resolution`` options; returns ``(transform, random_transform)``."""
+    image_key = options["image_key"]
+    if image_key not in features:
+        raise ValueError(
+            f"make_dataset: task 'super_resolution' needs feature {image_key!r} (option image_key) in "
+            f"{name!r}; its features are {sorted(features)}"
+        )
+    if image_size is not None:
+        raise ValueError(
+            f"make_dataset: task 'super_resolution' takes the stored image size; image_size must be None, "
+            f"got {image_size!r}"
+        )
+    scale = options["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 2:
+        raise ValueError(f"make_dataset: option scale must be an int >= 2, got {scale!r}")
+    shape = getattr(features[image_key], "shape", None)
+    if shape is not None and len(shape) >= 2:
+        h, w = shape[0], shape[1]
+        if h is not None and w is not None and (h % scale or w % scale):
+            raise ValueError(
+                f"make_dataset: option scale must divide the image height and width of {name!r} "
+                f"({h}x{w}), got scale={scale}"
+            )
+    pixel_max = options["pixel_max"]
+    if pixel_max is None:
+        pixel_max = metadata.get("pixel_max", 255)
+    if isinstance(pixel_max, bool) or not isinstance(pixel_max, (int, float)) or pixel_max <= 0:
+        raise ValueError(f"make_dataset: pixel_max must be a positive number, got {pixel_max!r}")
+    flip = options["flip"]
+    if not isinstance(flip, (bool, np.bool_)):
+        raise TypeError(f"make_dataset: option flip must be a bool, got {flip!r}")
+    transform = _SuperResolve(scale=int(scale), pixel_max=pixel_max, flip=bool(flip), image_key=image_key,
+                              with_weight=with_weight)
+    return (None, transform) if flip else (transform, None)
+
+
 def make_dataset(
     *,
     name: str,
@@ -572,7 +667,8 @@ def make_dataset(
       name: TFDS name, e.g. ``"mqar/v256_t64_kv8"``, ``"python_stdlib_text"``, ``"digits"``,
         ``"cifar10"``, ``"imagenet2012"``, ``"lm1b"``.
       split: TFDS split, e.g. ``"train"``, ``"test"``, ``"validation"``, ``"train[:90%]"``.
-      task: ``"lm"``, ``"mqar"`` or ``"classification"`` (batch fields in the module docstring).
+      task: ``"lm"``, ``"mqar"``, ``"classification"`` or ``"super_resolution"`` (batch fields in
+        the module docstring).
       global_batch_size: rows of a global batch, divisible by ``process_count``.
       seed: int in [0, 2**32): the shuffle permutation (per epoch) and augmentation randomness.
       shuffle: shuffle the examples (a different permutation each epoch).
@@ -582,7 +678,8 @@ def make_dataset(
       seq_len: tokens per example (``lm``: required; windowed text needs ``4096 % seq_len == 0``;
         ``mqar``: optional, must equal the stored length).
       image_size: ``classification``: resize/crop to this (int or (H, W)); ``None`` keeps the
-        stored size (which must then be fixed).
+        stored size (which must then be fixed). ``super_resolution`` takes the stored size: must
+        be ``None``.
       data_dir: TFDS data directory (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
       drop_remainder: drop the last partial global batch; ``False`` pads it (eval), adding
         ``weight`` for classification.
@@ -592,7 +689,9 @@ def make_dataset(
         (default 16 for digits, else 255), ``augment`` (default: ``shuffle and image_size is not
         None``; random crop + horizontal flip), ``crop_fraction=0.875``,
         ``resize_method="nearest"`` (or ``"bilinear"``), ``image_key="image"``,
-        ``label_key="label"``.
+        ``label_key="label"``. ``super_resolution``: ``scale=2`` (int >= 2 dividing H and W),
+        ``pixel_max`` (as for classification), ``flip=False`` (random flip + 90-degree rotations
+        of the pair), ``image_key="image"``.
 
     Returns:
       A :class:`Pipeline`; ``pipeline.iterator()`` yields the batches.
@@ -663,6 +762,10 @@ def make_dataset(
         vocab_size = int(metadata.get("vocab_size", 0)) or None
         source = _Source(raw)
         transform = _Mqar()
+    elif task == "super_resolution":
+        transform, random_transform = _super_resolution(name, options, features, metadata, image_size,
+                                                        with_weight=not drop_remainder)
+        source = _Source(raw)
     else:
         image_key, label_key = options["image_key"], options["label_key"]
         if not {image_key, label_key} <= set(features):

@@ -438,9 +438,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         }
         # A non-finite step leaves the state untouched; the host stops the run when it sees it.
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        # The task's other metrics (accuracy; psnr and psnr_nearest for super_resolution) as means.
+        means = {name: total / jnp.maximum(weight, 1.0) for name, (total, weight) in sums.items() if name != "loss"}
         metrics = {
             "loss": loss,
-            "accuracy": sums["accuracy"][0] / jnp.maximum(sums["accuracy"][1], 1.0),
+            **means,
             "grad_norm": grad_norm,
             "learning_rate": schedule(state["step"]),
             "finite": finite,

@@ -20,6 +20,8 @@ from attnzoo.zoo.twins import Twins  # noqa: E402
 from attnzoo.zoo.crossformer import CrossFormer  # noqa: E402
 from attnzoo.zoo.van import VAN  # noqa: E402
 from attnzoo.zoo.davit import DaViT  # noqa: E402
+from attnzoo.zoo.biformer import BiFormer  # noqa: E402
+from attnzoo.zoo.hat import HAT  # noqa: E402  (super-resolution, not a classifier)
 from attnzoo.zoo import vision_linear  # noqa: E402  (Agent-Swin, FLatten-Swin, Efficient-Attention Swin presets)
 from attnzoo.zoo import hybrid_lm as _hybrid_lm  # noqa: E402,F401  (hybrid LM presets)
 from attnzoo.zoo.zamba import ZambaLM  # noqa: E402
@@ -39,6 +41,8 @@ __all__ = [
     "CrossFormer",
     "VAN",
     "DaViT",
+    "BiFormer",
+    "HAT",
     "vision_linear",
     "DecoderLM",
     "ZambaLM",

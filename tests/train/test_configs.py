@@ -19,7 +19,8 @@ CONFIGS = sorted(
 
 
 def test_the_expected_configs_exist():
-    assert {"mqar", "stdlib_bytes", "vit_digits", "swin_digits", "vit_cifar10", "vit_imagenet", "lm1b"} <= set(CONFIGS)
+    assert {"mqar", "stdlib_bytes", "vit_digits", "swin_digits", "vit_cifar10", "vit_imagenet", "lm1b",
+            "hat_digits"} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

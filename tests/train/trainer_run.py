@@ -4,7 +4,9 @@ Usage: ``python trainer_run.py JSON`` where JSON holds:
   devices: number of simulated CPU devices (sets XLA_FLAGS before JAX is imported)
   action: "train" | "restore"
   workdir, overrides (dotted config keys -> values), config (a config file name, default mqar),
-  dump: optional path of an .npz to write the final (or restored) parameters to.
+  dump: optional path of an .npz to write the final (or restored) parameters to,
+  imports: optional module names (importable from this directory) to import first, e.g. to
+  register a test-only model (sr_standin).
 Prints one JSON line ``RESULT {...}`` at the end.
 """
 
@@ -48,6 +50,8 @@ def main():
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
     logging.getLogger("attnzoo.train").setLevel(logging.INFO)
     jax.config.update("jax_log_compiles", True)  # "Compiling ..." on stderr: tests check when it happens
+    for module in spec.get("imports", []):
+        importlib.import_module(module)
     config = build_config(spec)
     result = {"devices": jax.device_count()}
     try:

@@ -1,10 +1,11 @@
-"""Builds zoo models (ViT, Swin, DiNAT, MaxViT, LM) under an 8-device CPU mesh; executed in a subprocess by test_mesh.py.
+"""Builds zoo models under an 8-device CPU mesh; executed in a subprocess by test_mesh.py.
 
 It needs ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` set before JAX is imported, which
 a pytest process that already imported JAX cannot do. For each model: parameters created under
 ``jax.set_mesh`` + ``nnx.logical_axis_rules`` are placed as the rules say (stacked layer axis
 replicated), and the jitted forward on a batch-sharded input equals the unsharded model's.
-Prints one ``ok`` line per model and exits non-zero on failure.
+Prints one ``ok`` line per model and exits non-zero on failure. Arguments name the cases to run
+(default: all of ``CASES``).
 """
 
 import os
@@ -58,6 +59,46 @@ CASES = {
                        head_hidden_size=32, num_classes=10),
         inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 64, 64, 3)), jnp.float32),
     ),
+    "twins": dict(
+        name="twins_svt_small",
+        overrides=dict(img_size=64, embed_dims=(16, 16, 32, 32), num_heads=(2, 2, 2, 4), depths=(2, 1, 1, 1),
+                       mlp_ratios=(2, 2, 2, 2), sr_ratios=(4, 2, 2, 1), wss=(3, 1, 1, 1), num_classes=10),
+        inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 64, 64, 3)), jnp.float32),
+    ),
+    "davit": dict(
+        name="davit_tiny",
+        overrides=dict(img_size=28, embed_dims=(16, 32), depths=(1, 1), num_heads=(2, 2), window_size=3,
+                       num_classes=10),
+        inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 28, 28, 3)), jnp.float32),
+    ),
+    "crossformer": dict(
+        name="crossformer_tiny",
+        overrides=dict(img_size=64, embed_dim=(64, 64, 64, 64), depths=(2, 1, 1, 1), num_heads=(2, 2, 2, 2),
+                       group_size=3, intervals=(4, 2, 1, 1), num_classes=10),
+        inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 64, 64, 3)), jnp.float32),
+    ),
+    "van": dict(
+        name="van_b0",
+        overrides=dict(img_size=48, embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_classes=10),
+        inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 48, 48, 3)), jnp.float32),
+    ),
+    "agent_swin": dict(
+        name="agent_swin_tiny",
+        overrides=dict(img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 4), num_classes=10),
+        inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 64, 64, 3)), jnp.float32),
+    ),
+    "biformer": dict(
+        name="biformer_tiny",
+        overrides=dict(img_size=64, embed_dim=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), n_win=3,
+                       topk=(1, 2, 4, None), auto_pad=True, num_classes=10),
+        inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 64, 64, 3)), jnp.float32),
+    ),
+    "hat": dict(
+        name="hat_s_x2",
+        overrides=dict(in_chans=1, img_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2), window_size=4,
+                       compress_ratio=4, squeeze_factor=2, rgb_mean=(0.3,)),
+        inputs=lambda rng: jnp.asarray(rng.uniform(size=(4, 4, 4, 1)), jnp.float32),
+    ),
     "lm": dict(
         name="lm_nano",
         # Shapes shared with the ViT where possible: initializers compile once per shape.
@@ -110,5 +151,11 @@ def check(case: str) -> None:
 
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
-    for case in CASES:
+    import sys
+
+    names = sys.argv[1:] or list(CASES)
+    unknown = sorted(set(names) - set(CASES))
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; known: {sorted(CASES)}")
+    for case in names:
         check(case)

@@ -10,7 +10,7 @@ from flax import nnx
 from attnzoo import layers, zoo
 from attnzoo.zoo import DecoderLM, VisionTransformer, ZambaLM
 from tests.zoo.helpers import KNOWN_LOGICAL_AXES, build, fast_jit, logical_axes, num_params
-from tests.zoo.vision_cases import vision_models
+from tests.zoo.vision_cases import sr_models, vision_models
 
 TIMM_PARAMS = {
     "vit_tiny_patch16_224": 5_717_416,
@@ -47,6 +47,18 @@ OFFICIAL_PARAMS = {
     "crossformer_large": 91_971_184,
     "agent_swin_tiny": 28_902_964,
     "flatten_swin_tiny": 29_192_384,
+    # rayleizhu/BiFormer models/biformer.py, built in torch (paper: 13.1M / 25.5M / 56.8M).
+    "biformer_tiny": 13_142_760,
+    "biformer_small": 25_536_232,
+    "biformer_base": 56_804_968,
+    # XPixelGroup/HAT hat/archs/hat_arch.py with options/test/HAT-S_SRx*.yml / HAT_SRx*.yml, built in
+    # torch (paper, x4: HAT-S 9.6M, HAT 20.8M).
+    "hat_s_x2": 9_473_471,
+    "hat_s_x3": 9_658_111,
+    "hat_s_x4": 9_621_183,
+    "hat_x2": 20_624_795,
+    "hat_x3": 20_809_435,
+    "hat_x4": 20_772_507,
 }
 # Only the paper's rounded count is known (millions, one decimal): VAN's Table of variants.
 PAPER_PARAMS_M = {"van_b0": 4.1, "van_b1": 13.9, "van_b2": 26.6, "van_b3": 44.8}
@@ -98,7 +110,8 @@ def test_parameter_count(name):
     assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model)))
 
 
-@pytest.mark.parametrize("name", zoo.list_models())
+# SR models: their axis names do not depend on the preset; checked once on a narrowed HAT in tests/zoo/test_hat.py.
+@pytest.mark.parametrize("name", [n for n in zoo.list_models() if n not in sr_models()])
 def test_logical_axis_names(name):
     model = _abstract(name)
     axes = logical_axes(model)
@@ -111,8 +124,9 @@ def test_logical_axis_names(name):
             assert names[0] == "layers", (path, names)
 
 
-@pytest.mark.parametrize("name", [n for n in zoo.list_models() if n not in vision_models() or n.startswith("vit_")])
-def test_small_forward_and_flops(name):  # the other vision models: test_vision_models.py
+@pytest.mark.parametrize("name", [n for n in zoo.list_models()
+                                  if (n not in vision_models() or n.startswith("vit_")) and n not in sr_models()])
+def test_small_forward_and_flops(name):  # the other vision models: test_vision_models.py; SR models: test_hat.py
     factory_model = _abstract(name)
     assert factory_model.forward_flops(*(() if isinstance(factory_model, VisionTransformer) else (256,))) > 0
     overrides = dict(SMALL[type(factory_model)])

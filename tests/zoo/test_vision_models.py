@@ -20,17 +20,18 @@ from flax import nnx
 
 from attnzoo import zoo
 from tests.zoo.helpers import FAST_COMPILE
-from tests.zoo.vision_cases import BATCH, image_size, lm_models, small_overrides, vision_models
+from tests.zoo.vision_cases import BATCH, image_size, lm_models, small_overrides, sr_models, vision_models
 
 VISION = vision_models()
 
 
 def test_every_registered_model_is_a_vision_or_language_model():
-    vision, lm = set(VISION), set(lm_models())
-    assert not vision & lm
-    assert set(zoo.list_models()) == vision | lm, set(zoo.list_models()) - vision - lm
+    vision, lm, sr = set(VISION), set(lm_models()), set(sr_models())  # sr: super-resolution, tests/zoo/test_hat.py
+    assert not vision & lm and not (vision | lm) & sr
+    assert set(zoo.list_models()) == vision | lm | sr, set(zoo.list_models()) - vision - lm - sr
+    assert any(name.startswith("hat_") for name in sr)
     for family in ("vit_", "swin_", "maxvit_", "nat_", "dinat_", "agent_", "flatten_", "efficient_attention_",
-                   "davit_", "van_", "twins_", "crossformer_"):
+                   "davit_", "van_", "twins_", "crossformer_", "biformer_"):
         assert any(name.startswith(family) for name in VISION), family
 
 
@@ -193,6 +194,10 @@ PUBLISHED_GMACS = {
     "crossformer_small": 4.9,
     "crossformer_base": 9.6,
     "crossformer_large": 16.1,
+    # BiFormer's paper Table 1 "FLOPs" are fvcore multiply-adds: 2.2 / 4.5 / 9.8 G.
+    "biformer_tiny": 2.2,
+    "biformer_small": 4.5,
+    "biformer_base": 9.8,
 }
 
 

@@ -7,8 +7,10 @@ widths, depths and images, so one forward and backward compile in seconds.
 from attnzoo import zoo
 
 VISION_PATTERNS = ("vit_*", "swin_*", "maxvit_*", "nat_*", "dinat_*", "agent_*", "flatten_*", "efficient_attention_*",
-                   "davit_*", "van_*", "twins_*", "crossformer_*")
+                   "davit_*", "van_*", "twins_*", "crossformer_*", "biformer_*")
 LM_PATTERNS = ("lm_*", "*_lm", "*_lm_*", "zamba*")
+# Image-to-image super-resolution models (not classifiers: their contract is tested in tests/zoo/test_hat.py).
+SR_PATTERNS = ("hat_*",)
 
 # Name prefix -> overrides; the first matching prefix wins.
 SMALL_OVERRIDES = {
@@ -47,6 +49,10 @@ SMALL_OVERRIDES = {
     # Width 64 keeps the dynamic position bias MLP (dim // 16 = 4 wide) away from a degenerate LayerNorm.
     "crossformer_": dict(img_size=64, embed_dim=(64, 64, 64, 64), depths=(2, 1, 1, 1), num_heads=(2, 2, 2, 2),
                          group_size=3, intervals=(4, 2, 1, 1), num_classes=10),
+    # BiFormer (T/S/B narrow alike): conv stem to 16x16, maps 16, 8, 4, 2; 3x3 routing regions padded
+    # to 18 / 9 / 6 (auto_pad) with top-k 1, 2, 4; attention with LePE on the 2x2 map.
+    "biformer_": dict(img_size=64, embed_dim=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), n_win=3,
+                      topk=(1, 2, 4, None), auto_pad=True, num_classes=10),
 }
 
 BATCH = 2
@@ -58,6 +64,10 @@ def vision_models() -> list[str]:
 
 def lm_models() -> list[str]:
     return sorted({name for pattern in LM_PATTERNS for name in zoo.list_models(pattern)})
+
+
+def sr_models() -> list[str]:
+    return sorted({name for pattern in SR_PATTERNS for name in zoo.list_models(pattern)})
 
 
 def small_overrides(name: str) -> dict:
