@@ -1,4 +1,4 @@
-"""The README's demo and the attention and recurrent benchmarks run end to end (smallest size), so they never rot."""
+"""The README's demo and the attention, recurrent and kernel benchmarks run end to end (smallest size), so they never rot."""
 
 import json
 import os
@@ -39,6 +39,19 @@ def test_recurrent_benchmark_smoke(tmp_path):
     assert len(records) == 1 and set(records[0]["results"]["256"]) == {
         "attention", "linear_attention", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "kda", "ssd", "selective_scan"
     }
+
+
+@pytest.mark.slow
+def test_kernels_benchmark_smoke(tmp_path):
+    """Every op's row: checked against float64, timed, and its Pallas kernels lowered for both platforms."""
+    result = run("benchmarks/kernels.py", "--smoke", "--output", str(tmp_path / "table.md"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| op ")]
+    ops = {row.split(" | ")[0].removeprefix("| ") for row in rows}
+    assert ops == {"attention", "attention_decode", "neighborhood_attention", "routed_attention", "linear_attention",
+                   "simple_gla", "gla", "delta_rule", "gated_delta_rule", "kda", "ssd", "selective_scan"}
+    assert "FAIL" not in result.stdout and " no (" not in result.stdout
+    assert (tmp_path / "table.md").read_text().startswith("`python benchmarks/kernels.py --smoke")
 
 
 def train_cli(workdir, config, *overrides, data_dir):
