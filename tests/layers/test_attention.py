@@ -298,7 +298,8 @@ def test_attention_rejects_bad_inputs():
 
 def test_registry():
     assert "attention" in layers.list_mixers()
-    assert layers.list_mixers("att*") == ["attention"]
+    assert layers.list_mixers("attention") == ["attention"]
+    assert layers.list_mixers("att*") == ["attention", "attention_lepe"]  # fnmatch patterns
     assert layers.list_mixers("no_such_*") == []
     assert layers.list_mixers() == sorted(layers.list_mixers())
     module = layers.create_mixer("attention", dim=16, num_heads=4, rngs=nnx.Rngs(0), num_kv_heads=2)
