@@ -2,9 +2,9 @@
 shuffle, plus the nearest-neighbour upsampling of the input (so a fresh model starts at the
 nearest-neighbour baseline). Maps float32 [B, h, w, C] in [0, 1] to [B, s*h, s*w, C].
 
-Importing this module registers ``test_sr_standin_x2`` in the zoo registry: only the trainer's
-subprocesses (trainer_run.py's ``imports``) import it, so the pytest process's registry (which
-tests/zoo walk) never holds it. :class:`PixelShuffleSR` itself can be built directly anywhere.
+:func:`register` adds ``test_sr_standin_x2`` to the zoo registry; only the trainer's subprocesses
+call it (trainer_run.py's ``imports``), so the pytest process's registry, which tests/zoo walk, never
+holds it. Importing the module registers nothing; :class:`PixelShuffleSR` can be built anywhere.
 """
 
 import jax
@@ -37,6 +37,10 @@ class PixelShuffleSR(nnx.Module):
         return 2 * h * w * 9 * (c * self.width + self.width * c * self.upscale**2)
 
 
-@register_model("test_sr_standin_x2")
 def _standin_x2(*, rngs: nnx.Rngs, **overrides) -> PixelShuffleSR:
     return PixelShuffleSR(rngs=rngs, **{"upscale": 2, **overrides})
+
+
+def register() -> None:
+    """Registers ``test_sr_standin_x2`` (call only in a trainer subprocess)."""
+    register_model("test_sr_standin_x2")(_standin_x2)

@@ -21,7 +21,7 @@ from attnzoo.train import tasks
 from attnzoo.train.train import model_kwargs
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sr_standin import PixelShuffleSR  # noqa: E402  (importing it does not register into this process's zoo)
+from sr_standin import PixelShuffleSR  # noqa: E402  (importing registers nothing; see sr_standin.register)
 
 pytest.importorskip("sklearn.datasets", reason="scikit-learn (attnzoo[digits]) is not installed")
 
@@ -280,3 +280,10 @@ def test_hat_digits_config_model_maps_4x4_to_8x8():
     assert y.shape == (3, 8, 8, 1) and y.dtype == jnp.float32
     shapes = {"image": (3, 8, 8, 1), "lowres": (3, 4, 4, 1)}
     assert tasks.example_flops("super_resolution", model, shapes) == model.forward_flops((4, 4, 1)) > 0
+
+
+def test_importing_the_standin_registers_nothing_here():
+    """The stand-in is registered only in trainer subprocesses: tests/zoo walk this process's registry."""
+    from attnzoo import zoo
+
+    assert "test_sr_standin_x2" not in zoo.list_models()

@@ -5,8 +5,8 @@ Usage: ``python trainer_run.py JSON`` where JSON holds:
   action: "train" | "restore"
   workdir, overrides (dotted config keys -> values), config (a config file name, default mqar),
   dump: optional path of an .npz to write the final (or restored) parameters to,
-  imports: optional module names (importable from this directory) to import first, e.g. to
-  register a test-only model (sr_standin).
+  imports: optional module names (importable from this directory) to import first; a module's
+  ``register()``, if it has one, is called (sr_standin registers a test-only model so).
 Prints one JSON line ``RESULT {...}`` at the end.
 """
 
@@ -50,8 +50,10 @@ def main():
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
     logging.getLogger("attnzoo.train").setLevel(logging.INFO)
     jax.config.update("jax_log_compiles", True)  # "Compiling ..." on stderr: tests check when it happens
-    for module in spec.get("imports", []):
-        importlib.import_module(module)
+    for name in spec.get("imports", []):
+        module = importlib.import_module(name)
+        if hasattr(module, "register"):
+            module.register()
     config = build_config(spec)
     result = {"devices": jax.device_count()}
     try:
