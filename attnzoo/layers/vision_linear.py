@@ -15,6 +15,11 @@ the whole map; ``T = H * W`` tokens, ``Hd`` heads of ``Dh = C / Hd`` features, c
 ``efficient_attention``      Efficient Attention (Shen et al. 2021), softmax normalisation
 ===========================  ===================================================================
 
+and two 1-D token mixers for the ViT (``x [B, P + H * W, C]``: ``P`` prefix tokens such as the class
+token, then the map row-major): ``agent_attention_tokens`` (Agent-DeiT's ``AgentAttention``) and
+``focused_linear_attention_tokens`` (FLatten on ViT tokens). The ViT passes them ``resolution`` (its
+patch grid) and ``num_prefix_tokens``.
+
 Agent Attention and FLatten learn position parameters sized to the map, so they are built for one
 ``resolution = (H, W)`` and must be called on exactly that size (the Swin backbone passes each
 stage's resolution). They are global over the map, as Agent-Swin's stages 1-3 and FLatten-Swin's
@@ -83,6 +88,8 @@ __all__ = [
     "AgentAttention",
     "FocusedLinearAttention",
     "EfficientAttention",
+    "AgentAttentionTokens",
+    "FocusedLinearAttentionTokens",
     "adaptive_pool_matrix",
     "bilinear_matrix",
 ]
@@ -246,6 +253,17 @@ class AgentAttention(nnx.Module):
         agents = jnp.einsum("jx,bixhd->bijhd", pool_w, rows)
         return agents.reshape(batch, self.agent_num, self.num_heads, self.head_dim)
 
+    def _attend(self, q, k, v, agents, b1, b2, dtype) -> jax.Array:
+        """The two agent softmaxes: ``q, k, v [B, N, Hd, Dh]``, ``agents [B, n, Hd, Dh]``, biases
+        ``b1 [Hd, n, N]`` and ``b2 [Hd, N, n]`` -> ``[B, N, Hd, Dh]`` float32 (or wider)."""
+        accumulate = jnp.promote_types(dtype, jnp.float32)
+        scores = jnp.einsum("bahd,bthd->bhat", agents, k, preferred_element_type=accumulate) * self.scale
+        weights = jax.nn.softmax(scores + b1.astype(accumulate), axis=-1).astype(dtype)
+        agent_v = jnp.einsum("bhat,bthd->bahd", weights, v, preferred_element_type=accumulate).astype(dtype)
+        scores = jnp.einsum("bthd,bahd->bhta", q, agents, preferred_element_type=accumulate) * self.scale
+        weights = jax.nn.softmax(scores + b2.astype(accumulate), axis=-1).astype(dtype)
+        return jnp.einsum("bhta,bahd->bthd", weights, agent_v, preferred_element_type=accumulate)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """x ``[B, H, W, C]`` -> ``[B, H, W, C]`` in the compute dtype."""
         owner = type(self).__name__
@@ -262,13 +280,7 @@ class AgentAttention(nnx.Module):
         v_map = v
         v = v.reshape(batch, tokens, self.num_heads, self.head_dim)
         b1, b2 = self.position_biases()
-
-        scores = jnp.einsum("bahd,bthd->bhat", agents, k, preferred_element_type=accumulate) * self.scale
-        weights = jax.nn.softmax(scores + b1.astype(accumulate), axis=-1).astype(dtype)
-        agent_v = jnp.einsum("bhat,bthd->bahd", weights, v, preferred_element_type=accumulate).astype(dtype)
-        scores = jnp.einsum("bthd,bahd->bhta", q, agents, preferred_element_type=accumulate) * self.scale
-        weights = jax.nn.softmax(scores + b2.astype(accumulate), axis=-1).astype(dtype)
-        out = jnp.einsum("bhta,bahd->bthd", weights, agent_v, preferred_element_type=accumulate)
+        out = self._attend(q, k, v, agents, b1, b2, dtype)
 
         local = self.dwc(v_map.reshape(batch, height, width, self.dim))  # [B, H, W, C]
         out = out.reshape(batch, height, width, self.num_heads, self.head_dim) + local.reshape(
@@ -341,9 +353,13 @@ class FocusedLinearAttention(nnx.Module):
         self.dwc = Conv2d(dh, dh, self.kernel_size, padding=self.kernel_size // 2, groups=dh,
                           logical_axes=(None, None, None, "head_dim"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         zeros = nnx.initializers.zeros
-        tokens = self.resolution[0] * self.resolution[1]
+        tokens = self._encoded_tokens()
         self.scale = _param(zeros, ("heads", "head_dim"), rngs, (heads, dh), param_dtype)
         self.positional_encoding = _param(zeros, (None, "heads", "head_dim"), rngs, (tokens, heads, dh), param_dtype)
+
+    def _encoded_tokens(self) -> int:
+        """Rows of the positional encoding: the tokens the layer is called on."""
+        return self.resolution[0] * self.resolution[1]
 
     def focus(self, z: jax.Array) -> jax.Array:
         """The focusing function on ``z [..., Hd, Dh]`` (norms over all ``Hd * Dh`` channels)."""
@@ -363,19 +379,26 @@ class FocusedLinearAttention(nnx.Module):
         accumulate = jnp.promote_types(dtype, jnp.float32)
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, Hd, Dh]
+        out = self._linear_attend(q, k, v, accumulate) + self._local(v).astype(accumulate)
+        return self.proj(out.reshape(batch, height, width, self.num_heads, self.head_dim).astype(dtype))
+
+    def _linear_attend(self, q, k, v, accumulate) -> jax.Array:
+        """``q, k, v [B, N, Hd, Dh]`` (``N`` = the encoded tokens) -> focused linear attention
+        ``[B, N, Hd, Dh]`` in ``accumulate``, the positional encoding added to k."""
         k = k.astype(accumulate) + self.positional_encoding[...].astype(accumulate)
         q, k = self.focus(q.astype(accumulate)), self.focus(k)
-        v32 = v.astype(accumulate)
-        context = jnp.einsum("bthd,bthe->bhde", k, v32) / tokens
+        context = jnp.einsum("bthd,bthe->bhde", k, v.astype(accumulate)) / q.shape[1]
         normaliser = jnp.einsum("bthd,bhd->bth", q, jnp.mean(k, axis=1)) + self.EPS
-        out = jnp.einsum("bthd,bhde->bthe", q, context) / normaliser[..., None]
+        return jnp.einsum("bthd,bhde->bthe", q, context) / normaliser[..., None]
 
-        # Depthwise convolution of each head's values (Dh channels, one kernel for every head).
+    def _local(self, v) -> jax.Array:
+        """The depthwise convolution of each head's values on the map (``Dh`` channels, one kernel
+        for every head): ``v [B, H * W, Hd, Dh] -> [B, H * W, Hd, Dh]``."""
+        batch = v.shape[0]
+        (height, width), tokens = self.resolution, v.shape[1]
         per_head = jnp.moveaxis(v.reshape(batch, height, width, self.num_heads, self.head_dim), 3, 1)
         local = self.dwc(per_head.reshape(batch * self.num_heads, height, width, self.head_dim))
-        local = jnp.moveaxis(local.reshape(batch, self.num_heads, tokens, self.head_dim), 1, 2)
-        out = out + local.astype(accumulate)
-        return self.proj(out.reshape(batch, height, width, self.num_heads, self.head_dim).astype(dtype))
+        return jnp.moveaxis(local.reshape(batch, self.num_heads, tokens, self.head_dim), 1, 2)
 
     def flops(self, height: int, width: int) -> int:
         """Forward matmul FLOPs for one ``height x width`` map (2 per multiply-add), ``T = H W``:
@@ -466,3 +489,174 @@ class EfficientAttention(nnx.Module):
         tokens, heads = height * width, self.num_heads
         return (2 * tokens * self.dim * heads * (2 * self.key_dim + self.value_dim)
                 + 4 * tokens * heads * self.key_dim * self.value_dim + 2 * tokens * heads * self.value_dim * self.dim)
+
+
+def _check_tokens(owner: str, x, dim: int, num_prefix_tokens: int, resolution: tuple[int, int]) -> None:
+    check_input(owner, x, ndim=3, last=dim, layout="[B,N,C]")
+    expected = num_prefix_tokens + resolution[0] * resolution[1]
+    if x.shape[1] != expected:
+        raise ValueError(
+            f"{owner}: x must have {num_prefix_tokens} prefix tokens then a {resolution[0]} x {resolution[1]} map "
+            f"({expected} tokens, the layout the layer was built for), got {x.shape[1]} tokens"
+        )
+
+
+@register_mixer("agent_attention_tokens")
+class AgentAttentionTokens(AgentAttention):
+    """Agent Attention on a token sequence of ``P`` prefix tokens (class / distillation tokens) then an
+    ``H x W`` map, row-major (Agent-DeiT's ``AgentAttention``, the ViT's token mixer).
+
+    ``x [B, P + H * W, C] -> [B, P + H * W, C]`` in the compute dtype. As Agent-DeiT: the agents are
+    pooled from the queries of the map tokens only; every token (prefix ones included) is a key and a
+    query of the two agent softmaxes, the prefix tokens with their own learned biases ``ac_bias`` (agent
+    -> prefix key) and ``ca_bias`` (prefix query -> agent) beside the map's interpolated ones; the
+    depthwise convolution of v adds to the map tokens only::
+
+        V_A = softmax_keys(s A K^T + [ac_bias | B1]) V        over all P + T keys
+        O   = softmax_agents(s Q A^T + [ca_bias ; B2]) V_A     for all P + T queries
+        y   = (O + [0 ; DWConv3x3(V_map)]) W_proj + b_proj
+
+    Args: as :class:`AgentAttention` (without ``window_size`` / ``shift_size``), plus
+      num_prefix_tokens: ``P >= 0`` tokens before the map (Agent-DeiT: 1, the class token).
+
+    Parameters: :class:`AgentAttention`'s, plus ``ac_bias [Hd, n, P]`` and ``ca_bias [Hd, P, n]``
+    (heads, ...; trunc-normal std 0.02; absent when ``P = 0``); the official ``[1, Hd, n, 1]`` and
+    ``[1, Hd, 1, n]`` tensors are these with ``P = 1`` and the leading singleton dropped.
+    """
+
+    spatial_ndim = 1
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        resolution: int | Sequence[int],
+        num_prefix_tokens: int = 1,
+        agent_num: int = 49,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        qk_scale: float | None = None,
+        kernel_size: int = 3,
+        bias_size: int = 7,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        kernel_init=None,
+        rngs: nnx.Rngs,
+    ):
+        owner = type(self).__name__
+        self.num_prefix_tokens = check_int(owner, "num_prefix_tokens", num_prefix_tokens, minimum=0)
+        super().__init__(dim, num_heads, resolution=resolution, agent_num=agent_num, qkv_bias=qkv_bias,
+                         out_bias=out_bias, qk_scale=qk_scale, kernel_size=kernel_size, bias_size=bias_size,
+                         dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+        init = nnx.initializers.truncated_normal(stddev=0.02)
+        heads, n, prefix = self.num_heads, self.agent_num, self.num_prefix_tokens
+        self.ac_bias = _param(init, ("heads", None, None), rngs, (heads, n, prefix), param_dtype) if prefix else None
+        self.ca_bias = _param(init, ("heads", None, None), rngs, (heads, prefix, n), param_dtype) if prefix else None
+
+    @property
+    def num_tokens(self) -> int:
+        """``P + H * W``: the sequence length the layer is built for."""
+        return self.num_prefix_tokens + self.resolution[0] * self.resolution[1]
+
+    def position_biases(self) -> tuple[jax.Array, jax.Array]:
+        """``(B1 [Hd, n, P + T], B2 [Hd, P + T, n])`` float32 (or wider): the map's biases
+        (:meth:`AgentAttention.position_biases`) after the prefix tokens' ``ac_bias`` / ``ca_bias``."""
+        b1, b2 = super().position_biases()
+        if not self.num_prefix_tokens:
+            return b1, b2
+        b1 = jnp.concatenate([self.ac_bias[...].astype(b1.dtype), b1], axis=2)
+        b2 = jnp.concatenate([self.ca_bias[...].astype(b2.dtype), b2], axis=1)
+        return b1, b2
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x ``[B, P + H * W, C]`` -> ``[B, P + H * W, C]`` in the compute dtype."""
+        owner = type(self).__name__
+        _check_tokens(owner, x, self.dim, self.num_prefix_tokens, self.resolution)
+        batch, prefix = x.shape[0], self.num_prefix_tokens
+        (height, width), shape = self.resolution, (batch, x.shape[1], self.num_heads, self.head_dim)
+        dtype = compute_dtype(self.dtype, x, self.param_dtype)
+        accumulate = jnp.promote_types(dtype, jnp.float32)
+        qkv = self.qkv(x)  # [B, N, 3, Hd, Dh]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        agents = self.agent_tokens(q[:, prefix:].reshape(batch, height, width, self.num_heads, self.head_dim))
+        b1, b2 = self.position_biases()
+        out = self._attend(q, k, v, agents.astype(dtype), b1, b2, dtype).reshape(shape)
+        local = self.dwc(v[:, prefix:].reshape(batch, height, width, self.dim)).astype(accumulate)
+        out = out.at[:, prefix:].add(local.reshape(batch, height * width, self.num_heads, self.head_dim))
+        return self.proj(out.astype(dtype))
+
+    def flops(self, num_tokens: int) -> int:
+        """Forward matmul FLOPs for one sequence of ``N = P + H W`` tokens (2 per multiply-add): qkv
+        ``2 N C 3C``, the four agent products ``4 * 2 N n C``, the depthwise convolution on the map
+        ``2 H W C k^2``, the output projection ``2 N C C``."""
+        tokens, c, area = num_tokens, self.dim, self.resolution[0] * self.resolution[1]
+        return (2 * tokens * c * 3 * c + 8 * tokens * self.agent_num * c + 2 * area * c * self.kernel_size**2
+                + 2 * tokens * c * c)
+
+
+@register_mixer("focused_linear_attention_tokens")
+class FocusedLinearAttentionTokens(FocusedLinearAttention):
+    """FLatten's focused linear attention on a token sequence of ``P`` prefix tokens then an ``H x W``
+    map, row-major (the ViT's token mixer).
+
+    ``x [B, P + H * W, C] -> [B, P + H * W, C]`` in the compute dtype. Every token (prefix ones
+    included) is a query and a key of the linear attention, the positional encoding has a row per token
+    ``[P + T, Hd, Dh]``, and the normalisation divides by ``P + T``; the depthwise convolution of v runs
+    on the map and adds to the map tokens only. FLatten's paper reports DeiT models but its code
+    publishes none; the class token is handled here as Agent-DeiT handles it (our choice).
+
+    Args: as :class:`FocusedLinearAttention` (without ``window_size`` / ``shift_size``), plus
+      num_prefix_tokens: ``P >= 0`` tokens before the map (a ViT with a class token: 1).
+    """
+
+    spatial_ndim = 1
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        resolution: int | Sequence[int],
+        num_prefix_tokens: int = 1,
+        focusing_factor: float = 3.0,
+        kernel_size: int = 5,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        kernel_init=None,
+        rngs: nnx.Rngs,
+    ):
+        self.num_prefix_tokens = check_int(type(self).__name__, "num_prefix_tokens", num_prefix_tokens, minimum=0)
+        super().__init__(dim, num_heads, resolution=resolution, focusing_factor=focusing_factor,
+                         kernel_size=kernel_size, qkv_bias=qkv_bias, out_bias=out_bias, dtype=dtype,
+                         param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+
+    def _encoded_tokens(self) -> int:
+        return self.num_prefix_tokens + self.resolution[0] * self.resolution[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """``P + H * W``: the sequence length the layer is built for."""
+        return self._encoded_tokens()
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x ``[B, P + H * W, C]`` -> ``[B, P + H * W, C]`` in the compute dtype."""
+        _check_tokens(type(self).__name__, x, self.dim, self.num_prefix_tokens, self.resolution)
+        batch, tokens, prefix = x.shape[0], x.shape[1], self.num_prefix_tokens
+        dtype = compute_dtype(self.dtype, x, self.param_dtype)
+        accumulate = jnp.promote_types(dtype, jnp.float32)
+        qkv = self.qkv(x)  # [B, N, 3, Hd, Dh]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = self._linear_attend(q, k, v, accumulate)
+        out = out.at[:, prefix:].add(self._local(v[:, prefix:]).astype(accumulate))
+        return self.proj(out.reshape(batch, tokens, self.num_heads, self.head_dim).astype(dtype))
+
+    def flops(self, num_tokens: int) -> int:
+        """Forward matmul FLOPs for one sequence of ``N = P + H W`` tokens (2 per multiply-add): qkv
+        ``2 N C 3C``, context and output ``2 * 2 N C Dh``, the normaliser ``2 N C``, the depthwise
+        convolution on the map ``2 H W C k^2``, the output projection ``2 N C C``."""
+        tokens, c, area = num_tokens, self.dim, self.resolution[0] * self.resolution[1]
+        return (2 * tokens * c * 3 * c + 4 * tokens * c * self.head_dim + 2 * tokens * c
+                + 2 * area * c * self.kernel_size**2 + 2 * tokens * c * c)

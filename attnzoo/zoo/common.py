@@ -29,7 +29,7 @@ from attnzoo.layers.common import MLP, Dense, check_bool, check_choice, compute_
 from attnzoo.layers.registry import get_mixer_class
 from attnzoo.pallas_kernels.common import check_float, check_int
 
-__all__ = ["REMAT_POLICIES", "remat_policy", "LayerStack", "mixer_flops", "mlp_flops", "build_from_preset",
+__all__ = ["REMAT_POLICIES", "remat_policy", "LayerStack", "LayerRuns", "mixer_flops", "mlp_flops", "build_from_preset",
            "feature_indices", "classifier_logits", "global_avg_pool", "pool_map", "TimmVisionModel",
            "is_int", "is_number", "is_int_or_pair", "per_stage", "check_depths", "check_widths_and_depths", "ints_per_stage", "stage_widths",
            "ratios_per_stage", "check_block_options", "check_drop_path_rate", "drop_path_rates", "check_logits_dtype",
@@ -212,6 +212,60 @@ class LayerStack(nnx.Module):
             x, layer_cache = _call_cached_layer(layer, x, layer_cache, kwargs)
             new_caches.append(layer_cache)
         return x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *new_caches)
+
+
+class LayerRuns(nnx.Module):
+    """Runs of layers applied in sequence, each run a :class:`LayerStack` of identical layers (e.g.
+    a ViT whose first blocks use one mixer and the rest another).
+
+    Args:
+      runs: the stacks, in order (at least one).
+
+    Attributes:
+      runs: ``nnx.List`` of the stacks (parameters ``runs.{r}.layers.*``, stacked per run).
+      num_layers: the layers of all runs.
+
+    ``__call__(x, return_all=...)`` and :meth:`layer` / :meth:`unstacked` number the layers across
+    the runs as one sequence, as a single :class:`LayerStack` does.
+    """
+
+    def __init__(self, runs: Sequence[LayerStack]):
+        runs = list(runs)
+        if not runs or not all(isinstance(run, LayerStack) for run in runs):
+            raise TypeError(f"LayerRuns: runs must be a non-empty sequence of LayerStack, got {runs!r}")
+        self.runs = nnx.List(runs)
+        self.num_layers = sum(run.num_layers for run in runs)
+
+    def _locate(self, index: int) -> tuple[LayerStack, int]:
+        if isinstance(index, bool) or not isinstance(index, int) or not -self.num_layers <= index < self.num_layers:
+            raise ValueError(f"LayerRuns.layer: index must be an int in [-{self.num_layers}, {self.num_layers}), got {index!r}")
+        index %= self.num_layers
+        for run in self.runs:
+            if index < run.num_layers:
+                return run, index
+            index -= run.num_layers
+        raise AssertionError("unreachable: index was range-checked")
+
+    def layer(self, index: int) -> nnx.Module:
+        """Layer ``index`` of the whole sequence (negative counts from the end), standalone."""
+        run, local = self._locate(index)
+        return run.layer(local)
+
+    def unstacked(self) -> list[nnx.Module]:
+        """Every layer of every run as a standalone module, in order."""
+        return [layer for run in self.runs for layer in run.unstacked()]
+
+    def __call__(self, x: jax.Array, *, return_all: bool = False, **kwargs: Any):
+        """Applies the runs in order; ``return_all`` also returns every layer's output stacked
+        ``[num_layers, *x.shape]``; ``kwargs`` go to every layer."""
+        outputs = []
+        for run in self.runs:
+            if return_all:
+                x, run_outputs = run(x, return_all=True, **kwargs)
+                outputs.append(run_outputs)
+            else:
+                x = run(x, **kwargs)
+        return (x, jnp.concatenate(outputs, axis=0)) if return_all else x
 
 
 def mixer_flops(mixer: nnx.Module, seq_len: int, owner: str) -> int:
@@ -592,11 +646,13 @@ def takes_option(cls, option: str, *, var_keyword: bool = True) -> bool:
         var_keyword and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()))
 
 
-def mixer_defaults(cls, name: str, qkv_bias: bool, *, resolution=None, var_keyword: bool = True) -> dict[str, Any]:
+def mixer_defaults(cls, name: str, qkv_bias: bool, *, resolution=None, num_prefix_tokens: int | None = None,
+                   var_keyword: bool = True) -> dict[str, Any]:
     """A backbone's default options of mixer ``name`` (class ``cls``): for ``"attention"``
     bidirectional, no RoPE, an output bias; ``qkv_bias`` when the mixer takes
     it (:func:`takes_option`); ``resolution = (h, w)`` of the stage's map when ``resolution`` is given
-    and the constructor names a ``resolution`` argument (mixers with parameters sized to the map)."""
+    and the constructor names a ``resolution`` argument (mixers with parameters sized to the map);
+    likewise ``num_prefix_tokens`` (class tokens before a ViT's patch tokens)."""
     options: dict[str, Any] = {}
     if name == "attention":
         options.update(causal=False, use_rope=False, out_bias=True)
@@ -604,6 +660,9 @@ def mixer_defaults(cls, name: str, qkv_bias: bool, *, resolution=None, var_keywo
         options["qkv_bias"] = qkv_bias
     if resolution is not None and isinstance(cls, type) and "resolution" in inspect.signature(cls.__init__).parameters:
         options["resolution"] = tuple(resolution)
+    if num_prefix_tokens is not None and isinstance(cls, type) and "num_prefix_tokens" in inspect.signature(
+            cls.__init__).parameters:
+        options["num_prefix_tokens"] = num_prefix_tokens
     return options
 
 

@@ -1,5 +1,5 @@
-"""Swin-T backbones with linear-complexity global attention: Agent-Swin, FLatten-Swin and a Swin-T with
-Efficient Attention in every stage.
+"""Backbones with linear-complexity global attention: Agent-Swin, FLatten-Swin, a Swin-T with Efficient
+Attention in every stage, and Agent-DeiT.
 
 >>> from attnzoo import zoo
 >>> m = zoo.create_model("agent_swin_tiny", rngs=nnx.Rngs(0))
@@ -14,9 +14,12 @@ whose map is at most that window the attention is global and unshifted, which is
 ``agent_attention`` / ``focused_linear_attention`` run here (the backbone passes each stage's
 ``resolution``). The official window-attention stages ('B' / 'S') use 7x7 Swin windows.
 
-The ViT backbone (:mod:`attnzoo.zoo.vit`) calls its mixer on ``[B, 1 + N, D]`` tokens with a class
-token, so these 2-D mixers do not drop into it; Agent-DeiT's and FLatten-DeiT's class-token
-handling is not reproduced here.
+Agent-DeiT (``agent_deit_*``) is :class:`attnzoo.zoo.vit.VisionTransformer` (DeiT's shape: 16x16
+patches, class token, qkv biases) with ``agent_attention_tokens`` blocks: agents pooled from the
+patch queries, the class token attending and attended with its own biases, the depthwise
+convolution on the patch grid (LeapLabTHU/Agent-Attention ``agent_deit.py``). FLatten's token mixer
+``focused_linear_attention_tokens`` drops into the ViT the same way (``mixer=...``); FLatten's code
+publishes no DeiT model, so there is no FLatten-DeiT preset.
 
 No timm checkpoints exist for these models (timm does not have them), so no converter is registered.
 """
@@ -28,8 +31,10 @@ from flax import nnx
 from attnzoo.zoo.common import build_from_preset
 from attnzoo.zoo.registry import register_model
 from attnzoo.zoo.swin import SwinTransformer
+from attnzoo.zoo.vit import VisionTransformer
 
-__all__ = ["agent_swin_tiny", "flatten_swin_tiny", "efficient_attention_swin_tiny"]
+__all__ = ["agent_swin_tiny", "flatten_swin_tiny", "efficient_attention_swin_tiny", "agent_deit_tiny",
+           "agent_deit_small", "agent_deit_small_448", "agent_deit_base"]
 
 _SWIN_T = dict(img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=(2, 2, 6, 2),
                num_heads=(3, 6, 12, 24), window_size=7)
@@ -64,3 +69,49 @@ def efficient_attention_swin_tiny(*, rngs: nnx.Rngs, **overrides) -> SwinTransfo
     less its relative position tables), 4.44 GMACs by our count. Our own composition, for comparison."""
     preset = dict(_SWIN_T, mixer="efficient_attention")
     return build_from_preset(SwinTransformer, "efficient_attention_swin_tiny", preset, overrides, rngs)
+
+
+# Agent-DeiT: the official VisionTransformer with AgentBlocks in the first ``agent_layer`` blocks (all
+# 12 unless set) and DeiT's attention blocks after; agents per block from ``AGENT.NUM`` by stage
+# (blocks 0-1, 2-3, 4-9, 10-11); the window is the patch grid (img_size // 16).
+_DEIT = dict(patch_size=16, in_chans=3, num_classes=1000, depth=12, qkv_bias=True)
+
+
+def _agent_deit(name: str, preset: dict, agent_blocks: int, agent_num: int, overrides: dict, rngs: nnx.Rngs):
+    depth = overrides.get("depth", _DEIT["depth"])
+    agent_blocks = min(agent_blocks, depth)
+    mixers = ("agent_attention_tokens",) * agent_blocks + ("attention",) * (depth - agent_blocks)
+    options = ({"agent_num": agent_num},) * agent_blocks + ({},) * (depth - agent_blocks)
+    preset = dict(_DEIT, **preset, mixer=mixers, mixer_options=options)
+    return build_from_preset(VisionTransformer, name, preset, overrides, rngs)
+
+
+@register_model("agent_deit_tiny")
+def agent_deit_tiny(*, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
+    """Agent-DeiT-T (``agent_deit_t.yaml``: 49 agents in all 12 blocks), DeiT-T's shape (D 192, 3 heads)
+    at 224: 6,015,640 parameters, as the official model (the paper: 6.0M, 1.2G FLOPs)."""
+    return _agent_deit("agent_deit_tiny", dict(img_size=224, dim=192, num_heads=3), 12, 49, overrides, rngs)
+
+
+@register_model("agent_deit_small")
+def agent_deit_small(*, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
+    """Agent-DeiT-S (``agent_deit_s.yaml``: 49 agents in all 12 blocks), DeiT-S's shape (D 384, 6 heads)
+    at 224: 22,647,112 parameters, as the official model (the paper: 22.7M, 4.4G FLOPs). Trained with
+    drop_path_rate 0.1 (not modelled here)."""
+    return _agent_deit("agent_deit_small", dict(img_size=224, dim=384, num_heads=6), 12, 49, overrides, rngs)
+
+
+@register_model("agent_deit_small_448")
+def agent_deit_small_448(*, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
+    """Agent-DeiT-S at 448 (``agent_deit_s_448.yaml``): a 28x28 patch grid, 49 agents in all 12 blocks;
+    23,070,472 parameters, as the official model (the larger position embedding and bias tables)."""
+    return _agent_deit("agent_deit_small_448", dict(img_size=448, dim=384, num_heads=6), 12, 49, overrides, rngs)
+
+
+@register_model("agent_deit_base")
+def agent_deit_base(*, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
+    """Agent-DeiT-B (``agent_deit_b.yaml``: ``agent_layer=4``, 81 agents): agent attention in the first
+    4 blocks, DeiT-B's softmax attention in the other 8 (D 768, 12 heads) at 224; 87,204,904
+    parameters, as the official model (the paper: 87.2M, 17.6G FLOPs). Trained with drop_path_rate 0.3
+    (not modelled here)."""
+    return _agent_deit("agent_deit_base", dict(img_size=224, dim=768, num_heads=12), 4, 81, overrides, rngs)

@@ -30,12 +30,35 @@ from flax import nnx
 from attnzoo.layers import MLP, Dense, LayerNorm, create_mixer, get_mixer_class
 from attnzoo.layers.common import DType, as_pair, partitioned
 from attnzoo.pallas_kernels.common import check_int
-from attnzoo.zoo.common import LayerStack, TimmVisionModel, build_from_preset, check_logits_dtype, mixer_flops, mlp_flops
+from attnzoo.zoo.common import (
+    LayerRuns,
+    LayerStack,
+    TimmVisionModel,
+    build_from_preset,
+    check_logits_dtype,
+    mixer_defaults,
+    mixer_flops,
+    mlp_flops,
+)
 from attnzoo.zoo.convert import assign, linear_kernel, load_stacked
 from attnzoo.zoo.registry import register_model
 from attnzoo.zoo.timm_convert import load_dense, load_layer_norm, register_timm_converter
 
 __all__ = ["VisionTransformer", "ViTBlock"]
+
+
+def _per_block(owner: str, argument: str, value, depth: int, kinds, what: str) -> tuple:
+    """``value`` for every block: one value repeated, or a sequence of exactly ``depth`` values."""
+    if isinstance(value, kinds):
+        return (value,) * depth
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{owner}: {argument} must be {what} or a sequence of {depth} of them, got {type(value).__name__}")
+    if len(value) != depth:
+        raise ValueError(f"{owner}: {argument} must have one entry per block ({depth}), got {len(value)}")
+    for index, item in enumerate(value):
+        if not isinstance(item, kinds):
+            raise TypeError(f"{owner}: {argument}[{index}] must be {what}, got {type(item).__name__}")
+    return tuple(value)
 
 
 class ViTBlock(nnx.Module):
@@ -81,9 +104,17 @@ class VisionTransformer(TimmVisionModel):
       num_classes: classes of the head; 0 = no head (``forward_head`` returns pooled features).
       dim: width ``D``. depth: number of blocks. num_heads: heads of the mixer.
       mlp_ratio: MLP hidden width is ``int(D * mlp_ratio)``.
-      mixer: any registered 1-D mixer name (``attnzoo.layers.list_mixers()``).
-      mixer_options: extra keyword arguments of the mixer. For ``"attention"`` the defaults are
-        ``causal=False, use_rope=False, qkv_bias=qkv_bias, out_bias=True`` (timm's attention).
+      mixer: any registered 1-D mixer name (``attnzoo.layers.list_mixers()``), or a sequence of
+        ``depth`` names, one per block (e.g. Agent-DeiT-B: 4 ``"agent_attention_tokens"`` blocks, then
+        8 ``"attention"``). Consecutive blocks with the same mixer and options share one stacked
+        :class:`~attnzoo.zoo.common.LayerStack` (``blocks`` is then a
+        :class:`~attnzoo.zoo.common.LayerRuns` of them when there is more than one run).
+      mixer_options: extra keyword arguments of the mixer(s): one dict for every block, or a sequence
+        of ``depth`` dicts (or None), one per block. Defaults: for ``"attention"``
+        ``causal=False, use_rope=False, out_bias=True`` (timm's attention); ``qkv_bias`` for a mixer
+        whose constructor names it; ``resolution`` (the patch grid) and ``num_prefix_tokens`` for a
+        mixer whose constructor names them (``agent_attention_tokens``,
+        ``focused_linear_attention_tokens``).
       class_token: prepend a learned class token.
       global_pool: ``"token"`` (class token; needs ``class_token``) or ``"avg"`` (mean of patch tokens).
       fc_norm: apply the final norm after pooling instead of before; default (None) is timm's:
@@ -117,8 +148,8 @@ class VisionTransformer(TimmVisionModel):
         depth: int = 12,
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
-        mixer: str = "attention",
-        mixer_options: dict[str, Any] | None = None,
+        mixer: str | Sequence[str] = "attention",
+        mixer_options: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None,
         class_token: bool = True,
         global_pool: str = "token",
         fc_norm: bool | None = None,
@@ -152,16 +183,13 @@ class VisionTransformer(TimmVisionModel):
         if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
             raise ValueError(f"{owner}: mlp_ratio must be a positive number, got {mlp_ratio!r}")
         self.mlp_dim = int(dim * mlp_ratio)
-        if not isinstance(mixer, str):
-            raise TypeError(f"{owner}: mixer must be a registered mixer name (str), got {type(mixer).__name__}")
-        get_mixer_class(mixer)  # ValueError listing the known mixers
-        self.mixer_name = mixer
-        if mixer_options is not None and not isinstance(mixer_options, dict):
-            raise TypeError(f"{owner}: mixer_options must be a dict or None, got {type(mixer_options).__name__}")
-        options = {}
-        if mixer == "attention":
-            options = dict(causal=False, use_rope=False, qkv_bias=bool(qkv_bias), out_bias=True)
-        options.update(mixer_options or {})
+        names = _per_block(owner, "mixer", mixer, self.depth, str, "a registered mixer name (str)")
+        for name in names:
+            get_mixer_class(name)  # ValueError listing the known mixers
+        extra = _per_block(owner, "mixer_options", {} if mixer_options is None else mixer_options, self.depth,
+                           (dict, type(None)), "a dict (or None)")
+        if not isinstance(qkv_bias, bool):
+            raise TypeError(f"{owner}: qkv_bias must be a bool, got {type(qkv_bias).__name__}")
         if not isinstance(class_token, bool):
             raise TypeError(f"{owner}: class_token must be a bool, got {type(class_token).__name__}")
         if global_pool not in ("token", "avg"):
@@ -171,6 +199,13 @@ class VisionTransformer(TimmVisionModel):
         self.class_token = class_token
         self.num_prefix_tokens = int(class_token)
         self.num_tokens = self.num_patches + self.num_prefix_tokens
+        block_options = []
+        for name, options in zip(names, extra, strict=True):
+            defaults = mixer_defaults(get_mixer_class(name), name, qkv_bias, resolution=self.grid_size,
+                                      num_prefix_tokens=self.num_prefix_tokens, var_keyword=False)
+            block_options.append(dict(defaults, **(options or {})))
+        self.mixer_names = names
+        self.mixer_name = names[0] if len(set(names)) == 1 else names
         self.global_pool = global_pool
         use_fc_norm = global_pool == "avg" if fc_norm is None else bool(fc_norm)
         if not isinstance(features_only, bool):
@@ -194,13 +229,23 @@ class VisionTransformer(TimmVisionModel):
             partitioned(embed_init, (None, None, "embed"))(rngs.params(), (1, self.num_tokens, dim), param_dtype)
         )
 
-        def make_block(block_rngs: nnx.Rngs) -> ViTBlock:
-            return ViTBlock(
-                dim, num_heads, mlp_dim=self.mlp_dim, mixer=mixer, mixer_options=options,
-                norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=block_rngs,
-            )
+        def make_run(name: str, options: dict[str, Any], count: int) -> LayerStack:
+            def make_block(block_rngs: nnx.Rngs) -> ViTBlock:
+                return ViTBlock(
+                    dim, num_heads, mlp_dim=self.mlp_dim, mixer=name, mixer_options=options,
+                    norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=block_rngs,
+                )
 
-        self.blocks = LayerStack(make_block, depth, remat=remat, scan_layers=scan_layers, rngs=rngs)
+            return LayerStack(make_block, count, remat=remat, scan_layers=scan_layers, rngs=rngs)
+
+        runs = []  # [(mixer name, options, blocks)] of consecutive equal blocks
+        for name, options in zip(names, block_options, strict=True):
+            if runs and tuple(runs[-1][:2]) == (name, options):
+                runs[-1][2] += 1
+            else:
+                runs.append([name, options, 1])
+        stacks = [make_run(*run) for run in runs]
+        self.blocks = stacks[0] if len(stacks) == 1 else LayerRuns(stacks)
         norm = dict(epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.norm = None if use_fc_norm or features_only else LayerNorm(dim, **norm)
         self.fc_norm = LayerNorm(dim, **norm) if use_fc_norm and not features_only else None
@@ -314,12 +359,13 @@ class VisionTransformer(TimmVisionModel):
         """
         self._check_example_shape(example_shape)
         patch_pixels = self.patch_size[0] * self.patch_size[1] * self.in_chans
-        mixer = self.blocks.layers.mixer
-        per_block = mixer_flops(mixer, self.num_tokens, "VisionTransformer") + mlp_flops(
-            self.blocks.layers.mlp, self.num_tokens
-        )
+        blocks = 0
+        for run in getattr(self.blocks, "runs", [self.blocks]):
+            per_block = mixer_flops(run.layers.mixer, self.num_tokens, "VisionTransformer") + mlp_flops(
+                run.layers.mlp, self.num_tokens)
+            blocks += run.num_layers * per_block
         head = 2 * self.dim * self.num_classes
-        return int(2 * self.num_patches * patch_pixels * self.dim + self.depth * per_block + head)
+        return int(2 * self.num_patches * patch_pixels * self.dim + blocks + head)
 
 
 # ----------------------------------------------------------------------------------------------

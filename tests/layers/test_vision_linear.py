@@ -11,8 +11,10 @@ from flax import nnx
 from attnzoo import layers, zoo
 from attnzoo.layers.vision_linear import (
     AgentAttention,
+    AgentAttentionTokens,
     EfficientAttention,
     FocusedLinearAttention,
+    FocusedLinearAttentionTokens,
     adaptive_pool_matrix,
     bilinear_matrix,
 )
@@ -21,8 +23,10 @@ from tests.layers.vision_linear_reference import (
     adaptive_avg_pool,
     bilinear_resize,
     numpy_agent_attention,
+    numpy_agent_attention_tokens,
     numpy_efficient_attention,
     numpy_focused_linear_attention,
+    numpy_focused_linear_attention_tokens,
 )
 from tests.layers.testing import as_float64, check_finite_differences, make_mixer
 from tests.zoo.helpers import build, fast_jit
@@ -31,7 +35,10 @@ REFERENCES = {
     "agent_attention": numpy_agent_attention,
     "focused_linear_attention": numpy_focused_linear_attention,
     "efficient_attention": numpy_efficient_attention,
+    "agent_attention_tokens": numpy_agent_attention_tokens,
+    "focused_linear_attention_tokens": numpy_focused_linear_attention_tokens,
 }
+SPATIAL = ("agent_attention", "focused_linear_attention", "efficient_attention")
 
 
 def make(name, seed=0, **options):
@@ -184,7 +191,7 @@ def test_bfloat16_and_logical_axes():
         "positional_encoding": (None, "heads", "head_dim"),
     }
     assert {"agent_attention", "focused_linear_attention", "efficient_attention"} <= set(layers.list_mixers())
-    assert all(layers.get_mixer_class(n).spatial_ndim == 2 for n in REFERENCES)
+    assert all(layers.get_mixer_class(n).spatial_ndim == 2 for n in SPATIAL)
 
 
 def test_swin_backbone_passes_each_stage_resolution():
@@ -235,3 +242,117 @@ def test_errors_name_the_argument():
     e = build(lambda: EfficientAttention(12, 3, rngs=nnx.Rngs(0)))
     with pytest.raises(TypeError, match="x must have a floating dtype, got int32"):
         e(jnp.zeros((1, 4, 4, 12), jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# The ViT token mixers: P prefix tokens, then the map row-major
+# ----------------------------------------------------------------------------------------------
+
+# (name, height, width, options): one class token (Agent-DeiT), two prefix tokens, none; odd and
+# rectangular grids; pooling that shrinks (3x5 -> 2x2) and grows (2x3 -> 3x3) the map.
+TOKEN_CASES = [
+    ("agent_attention_tokens", 3, 5, dict(agent_num=4)),
+    ("agent_attention_tokens", 2, 3, dict(agent_num=9, num_prefix_tokens=2, dim=8, num_heads=2, bias_size=3)),
+    ("agent_attention_tokens", 3, 3, dict(agent_num=4, num_prefix_tokens=0, qkv_bias=False)),
+    ("focused_linear_attention_tokens", 3, 5, dict()),
+    ("focused_linear_attention_tokens", 4, 3, dict(num_prefix_tokens=2, focusing_factor=2.5, kernel_size=3)),
+    ("focused_linear_attention_tokens", 3, 3, dict(num_prefix_tokens=0, out_bias=False)),
+]
+
+
+def _tokens(m, seed, batch=2):
+    count = m.num_prefix_tokens + m.resolution[0] * m.resolution[1]
+    return np.random.default_rng(seed).normal(size=(batch, count, m.dim))
+
+
+@pytest.mark.parametrize("name, height, width, options", TOKEN_CASES)
+def test_token_mixers_match_numpy_reference(name, height, width, options):
+    for seed in (0, 1):
+        m = make(name, seed=seed + 7 * height + width, resolution=(height, width), **options)
+        x = _tokens(m, seed)
+        assert_close(apply(m, jnp.asarray(x, jnp.float32)), REFERENCES[name](m, x), f"{name} {options} seed {seed}",
+                     dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("name, options, count", [
+    ("agent_attention_tokens", dict(resolution=(3, 4), agent_num=4, bias_size=3), 14),
+    ("focused_linear_attention_tokens", dict(resolution=(3, 3), num_prefix_tokens=2), 8),
+])
+def test_token_mixer_gradients_match_finite_differences(name, options, count):
+    reference = REFERENCES[name]
+    with float64():
+        m = as_float64(make(name, seed=11, **options))
+        x = _tokens(m, 12, batch=1)
+        cotangent = np.random.default_rng(13).normal(size=x.shape)
+
+        def loss(model, x):
+            y = model(x)
+            return jnp.sum(y * cotangent), y
+
+        step = fast_jit(lambda model, x: nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(model, x))
+        (_, y), (grads, x_grad) = step(m, jnp.asarray(x))
+        assert_close(y, reference(m, x), f"{name} float64", dtype=jnp.float64)
+        checked = check_finite_differences(m, x, cotangent, grads, x_grad, reference, np.random.default_rng(14))
+        assert len(checked) == count, checked
+
+
+def test_token_mixers_without_prefix_equal_the_map_mixers():
+    """With no prefix token the token mixers are the 2-D ones on the flattened map (same parameters)."""
+    x = np.random.default_rng(3).normal(size=(2, 3, 5, 12))
+    for tokens_name, map_name, options in (("agent_attention_tokens", "agent_attention", dict(agent_num=4)),
+                                           ("focused_linear_attention_tokens", "focused_linear_attention", {})):
+        on_tokens = make(tokens_name, seed=5, resolution=(3, 5), num_prefix_tokens=0, **options)
+        on_map = make(map_name, seed=6, resolution=(3, 5), **options)
+        nnx.update(on_map, nnx.state(on_tokens, nnx.Param))
+        y_tokens = apply(on_tokens, jnp.asarray(x.reshape(2, 15, 12), jnp.float32))
+        y_map = apply(on_map, jnp.asarray(x, jnp.float32))
+        np.testing.assert_allclose(np.asarray(y_tokens), np.asarray(y_map).reshape(2, 15, 12), rtol=1e-5, atol=1e-6)
+
+
+def test_the_class_token_terms_matter():
+    """The prefix biases change every output; the class token gets no convolution term (zeroing the
+    depthwise kernel and bias leaves its output alone and moves the map tokens)."""
+    agent = make("agent_attention_tokens", resolution=(3, 4), agent_num=4)
+    x = jnp.asarray(_tokens(agent, 0), jnp.float32)
+    base = np.asarray(apply(agent, x))
+    for bias in ("ac_bias", "ca_bias"):
+        changed = nnx.clone(agent)
+        getattr(changed, bias).set_value(getattr(changed, bias).get_value() * 0.0)
+        assert rel_rms(apply(changed, x), base) > 1e-4, bias
+    for name, options in (("agent_attention_tokens", dict(agent_num=4)), ("focused_linear_attention_tokens", {})):
+        m = make(name, resolution=(3, 4), **options)
+        y = np.asarray(apply(m, x))
+        no_conv = nnx.clone(m)
+        no_conv.dwc.kernel.set_value(no_conv.dwc.kernel.get_value() * 0.0)
+        no_conv.dwc.bias.set_value(no_conv.dwc.bias.get_value() * 0.0)
+        y_no_conv = np.asarray(apply(no_conv, x))
+        np.testing.assert_allclose(y_no_conv[:, 0], y[:, 0], rtol=1e-6, atol=1e-7)
+        assert rel_rms(y_no_conv[:, 1:], y[:, 1:]) > 1e-3, name
+
+
+def test_token_mixer_flops_match_traced_matmuls():
+    from tests.zoo.helpers import traced_matmul_flops
+
+    x = jnp.zeros((1, 1 + 6 * 5, 12))
+    flatten = make("focused_linear_attention_tokens", resolution=(6, 5))
+    conv = 2 * 30 * 12 * 25  # the depthwise convolution on the map, counted by flops() but not a dot_general
+    assert flatten.flops(31) == traced_matmul_flops(flatten, x) + conv
+    agent = make("agent_attention_tokens", resolution=(6, 5), agent_num=4)
+    pooling = 2 * (2 * 6 * 5 * 12 + 2 * 2 * 5 * 12)  # the pooling matrices, traced but not counted
+    bias = 2 * 2 * 3 * 4 * (6 * 7 * 7 + 6 * 5 * 7)  # resizing the two bias tables, likewise
+    assert agent.flops(31) == traced_matmul_flops(agent, x) - pooling - bias + 2 * 30 * 12 * 9
+
+
+def test_token_mixer_errors_name_the_argument():
+    rngs = nnx.Rngs(0)
+    with pytest.raises(ValueError, match="num_prefix_tokens must be an int >= 0, got -1"):
+        AgentAttentionTokens(12, 3, resolution=4, num_prefix_tokens=-1, rngs=rngs)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'window_size'"):
+        FocusedLinearAttentionTokens(12, 3, resolution=4, window_size=4, rngs=rngs)
+    for m in (build(lambda: AgentAttentionTokens(12, 3, resolution=(2, 3), agent_num=4, rngs=nnx.Rngs(0))),
+              build(lambda: FocusedLinearAttentionTokens(12, 3, resolution=(2, 3), rngs=nnx.Rngs(0)))):
+        name = type(m).__name__
+        with pytest.raises(ValueError, match=rf"{name}: x must have 1 prefix tokens then a 2 x 3 map \(7 tokens.*got 6"):
+            m(jnp.zeros((1, 6, 12)))
+        with pytest.raises(ValueError, match=rf"{name}: x must have shape \[B,N,C\] with last axis 12"):
+            m(jnp.zeros((1, 2, 3, 12)))

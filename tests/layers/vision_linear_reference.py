@@ -156,3 +156,75 @@ def numpy_efficient_attention(m, x):
             for t in range(tokens):
                 out[b, t, h] = softmax(q[b, t, h], axis=0) @ context
     return dense(m.proj, out.reshape(batch, height, width, m.num_heads, -1))
+
+
+def numpy_agent_attention_tokens(m, x):
+    """Agent-DeiT's AgentAttention on ``x [B, P + H W, C]`` (``P`` prefix tokens, then the map row-major)
+    with the module's parameters, float64: agents pooled from the map's queries, the prefix tokens'
+    ``ac_bias`` / ``ca_bias`` before the map's biases, the depthwise convolution on the map tokens only."""
+    x = np.asarray(x, np.float64)
+    batch, count, channels = x.shape
+    (height, width), prefix = m.resolution, m.num_prefix_tokens
+    heads, dh, n = m.num_heads, channels // m.num_heads, m.agent_num
+    qkv = dense(m.qkv, x)  # [B, N, 3, Hd, Dh]
+    q, k, v = (qkv[:, :, i].reshape(batch, count, channels) for i in range(3))
+    an = bilinear_resize(param64(m.an_bias), height, width)
+    na = bilinear_resize(param64(m.na_bias), height, width)
+    ah, aw, ha, wa = (param64(b) for b in (m.ah_bias, m.aw_bias, m.ha_bias, m.wa_bias))
+    agent_to_key = np.zeros((heads, n, count))
+    query_to_agent = np.zeros((heads, count, n))
+    for h in range(heads):
+        for a in range(n):
+            for t in range(count):
+                if t < prefix:
+                    agent_to_key[h, a, t] = param64(m.ac_bias)[h, a, t]
+                    query_to_agent[h, t, a] = param64(m.ca_bias)[h, t, a]
+                else:
+                    y, xx = divmod(t - prefix, width)
+                    agent_to_key[h, a, t] = an[h, a, y, xx] + ah[h, a, y] + aw[h, a, xx]
+                    query_to_agent[h, t, a] = na[h, a, y, xx] + ha[h, y, a] + wa[h, xx, a]
+    out = np.zeros((batch, count, channels))
+    for b in range(batch):
+        agents = adaptive_avg_pool(q[b, prefix:].reshape(height, width, channels), math.isqrt(n)).reshape(n, channels)
+        for h in range(heads):
+            cols = slice(h * dh, (h + 1) * dh)
+            ag, qh, kh, vh = agents[:, cols], q[b, :, cols], k[b, :, cols], v[b, :, cols]
+            agent_values = softmax((ag * m.scale) @ kh.T + agent_to_key[h], axis=1) @ vh
+            out[b, :, cols] = softmax((qh * m.scale) @ ag.T + query_to_agent[h], axis=1) @ agent_values
+    local = depthwise_conv(v[:, prefix:].reshape(batch, height, width, channels), m.dwc)
+    out[:, prefix:] += local.reshape(batch, height * width, channels)
+    return dense(m.proj, out.reshape(batch, count, heads, dh))
+
+
+def numpy_focused_linear_attention_tokens(m, x):
+    """Focused linear attention on ``x [B, P + H W, C]`` with the module's parameters, float64: every
+    token a query and a key (positional encoding per token, normalised by ``P + H W``), the per-head
+    depthwise convolution on the map tokens only."""
+    x = np.asarray(x, np.float64)
+    batch, count, channels = x.shape
+    (height, width), prefix = m.resolution, m.num_prefix_tokens
+    heads, dh = m.num_heads, channels // m.num_heads
+    qkv = dense(m.qkv, x)
+    q, k, v = (qkv[:, :, i].reshape(batch, count, channels) for i in range(3))
+    k = k + param64(m.positional_encoding).reshape(count, channels)
+    softplus_scale = np.logaddexp(0.0, param64(m.scale).reshape(channels))
+
+    def focus(z):
+        z = (np.maximum(z, 0.0) + 1e-6) / softplus_scale
+        zp = z**m.focusing_factor
+        return zp / np.linalg.norm(zp, axis=-1, keepdims=True) * np.linalg.norm(z, axis=-1, keepdims=True)
+
+    q, k = focus(q), focus(k)
+    out = np.zeros((batch, count, channels))
+    for b in range(batch):
+        for h in range(heads):
+            cols = slice(h * dh, (h + 1) * dh)
+            qh, kh, vh = q[b, :, cols], k[b, :, cols], v[b, :, cols]
+            for t in range(count):
+                numerator = sum(np.dot(qh[t], kh[j]) * vh[j] for j in range(count)) / count
+                out[b, t, cols] = numerator / (np.dot(qh[t], kh.mean(axis=0)) + 1e-6)
+    per_head = v[:, prefix:].reshape(batch, height, width, heads, dh).transpose(0, 3, 1, 2, 4)
+    local = depthwise_conv(per_head.reshape(batch * heads, height, width, dh), m.dwc)
+    local = local.reshape(batch, heads, height * width, dh).transpose(0, 2, 1, 3).reshape(batch, height * width, channels)
+    out[:, prefix:] += local
+    return dense(m.proj, out.reshape(batch, count, heads, dh))

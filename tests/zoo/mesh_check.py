@@ -87,6 +87,12 @@ CASES = {
         overrides=dict(img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 4), num_classes=10),
         inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 64, 64, 3)), jnp.float32),
     ),
+    # Agent-DeiT-B narrowed: 2 agent blocks then 1 attention block (two stacked runs of the ViT).
+    "agent_deit": dict(
+        name="agent_deit_base",
+        overrides=dict(img_size=32, patch_size=8, dim=32, depth=3, num_heads=4, num_classes=10),
+        inputs=lambda rng: jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+    ),
     "biformer": dict(
         name="biformer_tiny",
         overrides=dict(img_size=64, embed_dim=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), n_win=3,

@@ -18,7 +18,7 @@ SCRIPT = pathlib.Path(__file__).with_name("mesh_check.py")
 
 GROUPS = {
     "core": ("vit", "swin", "dinat", "maxvit", "lm"),
-    "breadth": ("twins", "davit", "crossformer", "van", "agent_swin", "biformer", "hat"),
+    "breadth": ("twins", "davit", "crossformer", "van", "agent_swin", "agent_deit", "biformer", "hat"),
 }
 
 

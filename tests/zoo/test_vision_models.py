@@ -30,7 +30,7 @@ def test_every_registered_model_is_a_vision_or_language_model():
     assert not vision & lm and not (vision | lm) & sr
     assert set(zoo.list_models()) == vision | lm | sr, set(zoo.list_models()) - vision - lm - sr
     assert any(name.startswith("hat_") for name in sr)
-    for family in ("vit_", "swin_", "maxvit_", "nat_", "dinat_", "agent_", "flatten_", "efficient_attention_",
+    for family in ("vit_", "swin_", "maxvit_", "nat_", "dinat_", "agent_swin_", "agent_deit_", "flatten_", "efficient_attention_",
                    "davit_", "van_", "twins_", "crossformer_", "biformer_"):
         assert any(name.startswith(family) for name in VISION), family
 
@@ -166,6 +166,11 @@ PUBLISHED_GMACS = {
     "dinat_mini": 2.7,
     "dinat_tiny": 4.3,
     "agent_swin_tiny": 4.5,  # Agent Attention paper / official README (Agent-Swin-T: 29M, 4.5G)
+    # Official agent_transformer/README.md: Agent-DeiT-T 1.2G, -S 4.4G, -S at 448 17.7G, -B 17.6G.
+    "agent_deit_tiny": 1.2,
+    "agent_deit_small": 4.4,
+    "agent_deit_small_448": 17.7,
+    "agent_deit_base": 17.6,
     "flatten_swin_tiny": 4.5,  # FLatten paper's ImageNet table (FLatten-Swin-T: 29M, 4.5G)
     # No published model: our own count (EfficientAttention.flops per stage + Swin-T's MLPs, stem,
     # merging and head) for Swin-T with Efficient Attention over the whole map in every stage.

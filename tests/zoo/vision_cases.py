@@ -25,6 +25,9 @@ SMALL_OVERRIDES = {
     # Stem to 32x32, stages 16..2: 2x2 windows and grids (img_size // 32); stage 0 has a stride-1 block.
     "maxvit_": dict(img_size=64, embed_dims=(16, 32, 32, 32), depths=(2, 1, 1, 1), stem_width=16, head_dim=16,
                     head_hidden_size=32, num_classes=10),
+    # Agent-DeiT (before "agent_": the Swin variants): a 4x4 patch grid with a class token; 49 / 81
+    # agents pooled up from it; depth 5 keeps Agent-DeiT-B's two runs (4 agent blocks, 1 attention).
+    "agent_deit_": dict(img_size=32, patch_size=8, dim=16, depth=5, num_heads=2, num_classes=10),
     # Swin-T variants with global linear attention (agent: stages 0-2, 9 / 16 / 49 agents pooled from
     # 16x16, 8x8 and 4x4 maps; FLatten: stages 0-1; efficient: all), one block per stage; the last
     # stage's 2x2 map keeps Swin's bias table and efficient attention's keys trained.
