@@ -54,6 +54,22 @@ def test_kernels_benchmark_smoke(tmp_path):
     assert (tmp_path / "table.md").read_text().startswith("`python benchmarks/kernels.py --smoke")
 
 
+@pytest.mark.slow
+def test_routed_attention_benchmark_smoke(tmp_path):
+    """Each BiFormer stage: both impls checked against float64 before they are timed."""
+    result = run("benchmarks/routed_attention.py", "--smoke", "--output", str(tmp_path / "table.md"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| stage") and not line.startswith("| stage |")]
+    assert len(rows) == 6 and "FAIL" not in result.stdout, result.stdout
+    assert (tmp_path / "table.md").exists()
+
+
+def test_results_page_is_up_to_date():
+    """docs/results.md is what benchmarks/results_page.py assembles from benchmarks/results/ now."""
+    result = run("benchmarks/results_page.py", "--check", timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def train_cli(workdir, config, *overrides, data_dir):
     return run(
         "-m", "attnzoo.train", "--config", config, "--workdir", str(workdir),
@@ -122,3 +138,22 @@ def test_quickstart_notebook_executes(tmp_path):
         output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
     )
     assert "restored eval" in outputs and "final train loss" in outputs
+
+
+@pytest.mark.slow
+def test_mqar_benchmark_smoke(tmp_path):
+    """Two mixers train and evaluate through the trainer; the CSV, table and plot are written, and a rerun skips them."""
+    args = ("benchmarks/mqar.py", "--smoke", "--output", str(tmp_path / "mqar.md"), "--data-dir", str(tmp_path / "tfds"))
+    result = run(*args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| attention |" in result.stdout and "| linear_attention |" in result.stdout
+    assert "projected full sweep" in result.stdout
+    rows = (tmp_path / "mqar.csv").read_text().splitlines()
+    assert rows[0].startswith("mixer,pattern,layers,width,seq_len,num_kv_pairs") and len(rows) == 3
+    assert all(",ok," in row for row in rows[1:])
+    assert (tmp_path / "mqar.md").read_text().startswith("### MQAR")
+    assert (tmp_path / "mqar.png").stat().st_size > 0
+    again = run(*args)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "2 of 2 selected runs already in the CSV; 0 to run" in again.stdout
+    assert len((tmp_path / "mqar.csv").read_text().splitlines()) == 3

@@ -107,6 +107,14 @@ def numpy_agent_attention(m, x):
     return dense(m.proj, out.reshape(batch, height, width, heads, dh))
 
 
+def _focus(m, z):
+    """FLatten's focusing function on ``z [..., C]`` (norms over all ``C`` channels of a token)."""
+    softplus_scale = np.logaddexp(0.0, param64(m.scale).reshape(z.shape[-1]))
+    z = (np.maximum(z, 0.0) + 1e-6) / softplus_scale
+    zp = z**m.focusing_factor
+    return zp / np.linalg.norm(zp, axis=-1, keepdims=True) * np.linalg.norm(z, axis=-1, keepdims=True)
+
+
 def numpy_focused_linear_attention(m, x):
     """FLatten-Swin's FocusedLinearAttention with the module's parameters, float64."""
     x = np.asarray(x, np.float64)
@@ -114,16 +122,7 @@ def numpy_focused_linear_attention(m, x):
     heads, dh, tokens = m.num_heads, channels // m.num_heads, height * width
     q, k, v = (t.reshape(batch, tokens, channels) for t in _qkv(m, x))
     k = k + param64(m.positional_encoding).reshape(tokens, channels)
-    softplus_scale = np.logaddexp(0.0, param64(m.scale).reshape(channels))
-    power = m.focusing_factor
-
-    def focus(z):
-        z = (np.maximum(z, 0.0) + 1e-6) / softplus_scale
-        norm = np.linalg.norm(z, axis=-1, keepdims=True)
-        zp = z**power
-        return zp / np.linalg.norm(zp, axis=-1, keepdims=True) * norm
-
-    q, k = focus(q), focus(k)
+    q, k = _focus(m, q), _focus(m, k)
     out = np.zeros((batch, tokens, channels))
     for b in range(batch):
         for h in range(heads):
@@ -207,14 +206,7 @@ def numpy_focused_linear_attention_tokens(m, x):
     qkv = dense(m.qkv, x)
     q, k, v = (qkv[:, :, i].reshape(batch, count, channels) for i in range(3))
     k = k + param64(m.positional_encoding).reshape(count, channels)
-    softplus_scale = np.logaddexp(0.0, param64(m.scale).reshape(channels))
-
-    def focus(z):
-        z = (np.maximum(z, 0.0) + 1e-6) / softplus_scale
-        zp = z**m.focusing_factor
-        return zp / np.linalg.norm(zp, axis=-1, keepdims=True) * np.linalg.norm(z, axis=-1, keepdims=True)
-
-    q, k = focus(q), focus(k)
+    q, k = _focus(m, q), _focus(m, k)
     out = np.zeros((batch, count, channels))
     for b in range(batch):
         for h in range(heads):
