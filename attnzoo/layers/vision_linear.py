@@ -525,6 +525,7 @@ class AgentAttentionTokens(AgentAttention):
     """
 
     spatial_ndim = 1
+    grid_tokens = True  # tokens of a fixed patch grid: a ViT mixer, not a causal sequence mixer
 
     def __init__(
         self,
@@ -611,6 +612,7 @@ class FocusedLinearAttentionTokens(FocusedLinearAttention):
     """
 
     spatial_ndim = 1
+    grid_tokens = True
 
     def __init__(
         self,

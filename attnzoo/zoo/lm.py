@@ -98,8 +98,11 @@ def advance_lengths(lengths: jax.Array, length: int, valid_lengths: jax.Array | 
 
 
 def _is_2d_mixer(name: str) -> bool:
-    """Whether the registered mixer ``name`` works on 2-D maps ``[B, H, W, C]`` (``spatial_ndim == 2``)."""
-    return getattr(get_mixer_class(name), "spatial_ndim", 1) == 2
+    """Whether the registered mixer ``name`` is a vision mixer: on 2-D maps ``[B, H, W, C]``
+    (``spatial_ndim == 2``) or on the tokens of a fixed patch grid (``grid_tokens``, e.g. the ViT's
+    ``agent_attention_tokens``), neither of which is a causal sequence mixer."""
+    cls = get_mixer_class(name)
+    return getattr(cls, "spatial_ndim", 1) == 2 or getattr(cls, "grid_tokens", False)
 
 
 def parse_pattern(pattern: str) -> tuple[tuple[str, str], ...]:
@@ -121,7 +124,8 @@ def parse_pattern(pattern: str) -> tuple[tuple[str, str], ...]:
         mixer = PATTERN_ALIASES.get(base, base)
         if mixer in list_mixers() and _is_2d_mixer(mixer):
             raise ValueError(
-                f"DecoderLM: token {token!r} in pattern {pattern!r} names a 2-D mixer (input [B, H, W, C]); a "
+                f"DecoderLM: token {token!r} in pattern {pattern!r} names a vision mixer (input [B, H, W, C] or "
+                f"a patch grid's tokens); a "
                 f"language model layer needs a sequence mixer: {', '.join(available)}"
             )
         if mixer not in sequence_mixers:

@@ -249,7 +249,10 @@ def test_lm_meta_tokens():
         (dict(pattern="swa,mambo"), ValueError,
          r"unknown token 'mambo' in pattern 'swa,mambo'; available: attention, attn, .*swa"),
         (dict(pattern="swa,swin_window"), ValueError,
-         r"token 'swin_window' in pattern 'swa,swin_window' names a 2-D mixer .*needs a sequence mixer: attention, attn, "),
+         r"token 'swin_window' in pattern 'swa,swin_window' names a vision mixer .*needs a sequence mixer: attention, attn, "),
+        (dict(pattern="agent_attention_tokens"), ValueError,
+         r"token 'agent_attention_tokens' in pattern 'agent_attention_tokens' names a vision mixer \(input \[B, H, W, C\] "
+         r"or a patch grid's tokens\); a language model layer needs a sequence mixer: attention, attn, base_conv"),
         (dict(pattern="swa,attn:"), ValueError, "has an empty token or label"),
         (dict(pattern="swa,,attn", depth=3), ValueError, "pattern 'swa,,attn' has an empty token"),
         (dict(pattern="swa,swa,attn", depth=4), ValueError,
