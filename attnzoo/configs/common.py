@@ -53,5 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.eval_every_steps = 0  # 0: evaluate only at the end
     config.eval_max_batches = config_dict.placeholder(int)  # None: the whole eval split
+    # Early stopping (Zoology's MQAR runs stop at eval accuracy 0.99): at each periodic eval, stop
+    # (checkpoint saved) once early_stop.metric >= threshold (mode "max") or <= threshold ("min").
+    config.early_stop = ml_collections.ConfigDict()
+    config.early_stop.metric = config_dict.placeholder(str)  # None: off; an eval metric, e.g. "accuracy"
+    config.early_stop.threshold = config_dict.placeholder(float)
+    config.early_stop.mode = "max"
     config.peak_flops_per_device = config_dict.placeholder(float)  # None: table by device kind
     return config

@@ -120,6 +120,16 @@ def summarize(task: str, sums: dict) -> dict[str, float]:
     return out
 
 
+def eval_metric_names(task: str) -> tuple[str, ...]:
+    """The metrics an eval of ``task`` reports (what :func:`summarize` returns)."""
+    return {
+        "lm": ("loss", "accuracy", "perplexity", "bits_per_token"),
+        "mqar": ("loss", "accuracy"),
+        "classification": ("loss", "accuracy"),
+        "super_resolution": ("loss", "psnr", "psnr_nearest"),
+    }[task]
+
+
 def headline_metric(task: str) -> str:
     """The eval metric a config's docstring promises (printed at the end of a run)."""
     return {"lm": "bits_per_token", "mqar": "accuracy", "classification": "accuracy", "super_resolution": "psnr"}[task]

@@ -11,7 +11,8 @@ Read top to bottom; the sections follow the order in which a run happens:
   5. train step          ``jax.jit`` with ``NamedSharding`` in/out and the state donated
   6. checkpoints         restore the newest good checkpoint from the workdir (exact resume)
   7. eval                weighted metric sums over the whole held-out split
-  8. loop                progress, metrics, periodic async checkpoints, SIGTERM/SIGINT handling
+  8. loop                progress, metrics, periodic async checkpoints, SIGTERM/SIGINT handling,
+                         early stopping at a periodic eval (``config.early_stop``)
 
 The train state is a plain pytree ``{"step", "params", "opt_state", "rng", "model_state"}``
 (``params`` is the model's ``nnx.Param`` state as a nested dict), so it checkpoints, shards and
@@ -65,6 +66,7 @@ class RunResult:
     train_metrics: dict[str, float]
     stopped_by_signal: str | None = None
     seconds: float = 0.0
+    early_stopped: bool = False  # config.early_stop's condition held at an eval before num_steps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,9 +98,41 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
         )
     if config.batch_size % jax.process_count():
         raise ValueError(f"config.batch_size={config.batch_size} must divide by the {jax.process_count()} hosts")
+    check_early_stop(config)
     data = config.data
     for split in (data.train_split, data.eval_split):
         input_pipeline.check_dataset_available(data.name, split, data_dir=data.get("data_dir"))
+
+
+def check_early_stop(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError unless ``config.early_stop`` is off (no metric) or names an eval metric of
+    the task, a finite threshold, a mode "max"/"min", and ``eval_every_steps >= 1``."""
+    early_stop = config.get("early_stop")
+    if early_stop is None or early_stop.get("metric") is None:
+        return
+    metrics = tasks.eval_metric_names(config.task)
+    if early_stop.metric not in metrics:
+        raise ValueError(
+            f"config.early_stop.metric must be an eval metric of task {config.task!r} ({', '.join(metrics)}), "
+            f"got {early_stop.metric!r}"
+        )
+    threshold = early_stop.get("threshold")
+    if threshold is None or not math.isfinite(float(threshold)):
+        raise ValueError(f"config.early_stop.threshold must be a finite number, got {threshold!r}")
+    if early_stop.get("mode") not in ("max", "min"):
+        raise ValueError(f"config.early_stop.mode must be 'max' or 'min', got {early_stop.get('mode')!r}")
+    if not config.eval_every_steps or int(config.eval_every_steps) < 1:
+        raise ValueError(
+            f"config.early_stop needs periodic evals: set config.eval_every_steps >= 1, got {config.eval_every_steps}"
+        )
+
+
+def early_stop_reached(early_stop: ml_collections.ConfigDict | None, metrics: dict[str, float]) -> bool:
+    """Whether ``metrics`` (one eval) meet ``config.early_stop`` (False when it is off)."""
+    if early_stop is None or early_stop.get("metric") is None:
+        return False
+    value = metrics[early_stop.metric]
+    return value >= early_stop.threshold if early_stop.mode == "max" else value <= early_stop.threshold
 
 
 CONFIG_FILE = "config.json"
@@ -525,7 +559,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     def save(at: int):
         checkpoints.save(at, state, train_iter.get_state())
 
+    early_stop = config.get("early_stop")
+
+    def stop_early(at: int, summary: dict[str, float]) -> RunResult:
+        writer.progress(
+            f"early stop at step {at}: {early_stop.metric} {summary[early_stop.metric]:.4g} "
+            f"{'>=' if early_stop.mode == 'max' else '<='} {early_stop.threshold} | " + _format_metrics(summary),
+            final=True,
+        )
+        return RunResult(at, summary, train_summary, None, time.perf_counter() - started, early_stopped=True)
+
     try:
+        if start_step and start_step < config.num_steps and early_stop is not None and early_stop.metric:
+            # A rerun of an early-stopped run: its checkpoint still meets the condition; train no further.
+            eval_summary = evaluate(state)
+            if early_stop_reached(early_stop, eval_summary):
+                return stop_early(step, eval_summary)
         loop_started = time.perf_counter()
         throughput.start(step)
         while step < config.num_steps:
@@ -572,6 +621,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step != config.num_steps:
                 eval_summary = evaluate(state)
                 writer.write(step, "eval", eval_summary)
+                if early_stop_reached(early_stop, eval_summary):
+                    drain_pending()
+                    if step not in checkpoints.steps():
+                        save(step)
+                    checkpoints.wait()
+                    return stop_early(step, eval_summary)
                 writer.progress(f"eval at step {step}: " + _format_metrics(eval_summary), final=True)
                 throughput.start(step)
 

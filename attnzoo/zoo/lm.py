@@ -137,7 +137,9 @@ def parse_pattern(pattern: str) -> tuple[tuple[str, str], ...]:
 
 
 class DecoderBlock(nnx.Module):
-    """Pre-norm decoder layer: ``x + mixer(RMSNorm(x))`` then ``x + MLP(RMSNorm(x))``.
+    """Pre-norm decoder layer: ``x + mixer(RMSNorm(x))`` then ``x + MLP(RMSNorm(x))``; with
+    ``mlp="none"`` only the first (a mixer-only layer: Mamba's LM blocks, Zoology's MQAR models),
+    and ``mlp_norm`` / ``mlp`` are ``None``.
 
     ``x [B, T, D] -> [B, T, D]``; ``segment_ids`` / ``positions`` ``[B, T]`` go to the mixer.
     """
@@ -161,17 +163,22 @@ class DecoderBlock(nnx.Module):
         self.mixer = create_mixer(
             mixer, dim=dim, num_heads=num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype, **mixer_options
         )
-        self.mlp_norm = RMSNorm(dim, **norm)
-        self.mlp = MLP(dim, mlp_dim, kind=mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if mlp == "none":
+            self.mlp_norm = self.mlp = None
+        else:
+            self.mlp_norm = RMSNorm(dim, **norm)
+            self.mlp = MLP(dim, mlp_dim, kind=mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def _add_mlp(self, x: jax.Array) -> jax.Array:
+        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
 
     def __call__(self, x: jax.Array, *, segment_ids=None, positions=None, cache=None, valid_lengths=None):
         """x ``[B, T, D]`` -> ``[B, T, D]``; with the mixer's ``cache``, ``(y, new_cache)``."""
         if cache is None:
             x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions).astype(x.dtype)
-            return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+            return self._add_mlp(x)
         mixed, cache = self.mixer(self.mixer_norm(x), positions=positions, cache=cache, valid_lengths=valid_lengths)
-        x = x + mixed.astype(x.dtype)
-        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), cache
+        return self._add_mlp(x + mixed.astype(x.dtype)), cache
 
 
 class SuperBlock(nnx.Module):
@@ -211,6 +218,8 @@ def check_tokens(owner: str, tokens: Any, vocab_size: int) -> None:
 def default_mlp_dim(dim: int, mlp: str) -> int:
     """``4 * dim`` for gelu; for swiglu ``8 * dim / 3`` (truncated) rounded up to a multiple of 64,
     which keeps the parameter count of a ``4 * dim`` GELU MLP (three matrices instead of two)."""
+    if mlp == "none":
+        return 0
     if mlp == "gelu":
         return 4 * dim
     return -(-int(8 * dim / 3) // 64) * 64
@@ -225,7 +234,8 @@ class DecoderLM(nnx.Module):
         ``num_heads`` and ``D / num_heads``).
       pattern: comma-separated mixer tokens of one super-block (see the module docstring).
       mlp_dim: MLP hidden width; default :func:`default_mlp_dim` (swiglu: ``8D/3`` rounded up to a
-        multiple of 64; gelu: ``4D``). mlp: "swiglu" or "gelu".
+        multiple of 64; gelu: ``4D``). mlp: "swiglu", "gelu" or "none" (mixer-only layers, as
+        Mamba's LMs and Zoology's MQAR models; ``mlp_dim`` must then be left unset).
       sliding_window: window of ``swa`` layers (keys ``i - w .. i``).
       mixer_options: ``{mixer name or pattern token: {option: value}}``; a mixer name applies to
         every token resolving to it, a token's options are applied after (e.g.
@@ -283,8 +293,10 @@ class DecoderLM(nnx.Module):
                 f"({len(self.pattern)} for pattern {pattern!r})"
             )
         self.num_repeats = self.depth // len(self.pattern)
-        if mlp not in ("swiglu", "gelu"):
-            raise ValueError(f"{owner}: mlp must be 'swiglu' or 'gelu', got {mlp!r}")
+        if mlp not in ("swiglu", "gelu", "none"):
+            raise ValueError(f"{owner}: mlp must be 'swiglu', 'gelu' or 'none', got {mlp!r}")
+        if mlp == "none" and mlp_dim is not None:
+            raise ValueError(f"{owner}: mlp_dim must be None when mlp='none' (no MLP), got {mlp_dim!r}")
         self.mlp_dim = default_mlp_dim(self.dim, mlp) if mlp_dim is None else check_int(owner, "mlp_dim", mlp_dim)
         self.sliding_window = check_int(owner, "sliding_window", sliding_window)
         if not isinstance(tie_embeddings, bool):
@@ -466,7 +478,8 @@ class DecoderLM(nnx.Module):
                                                    4 * P * Hq * Dh for scores and values, with
                                                    P the visible (query, key) pairs: T(T+1)/2
                                                    causal, about T * (w + 1) for a window w)
-                        + 2 * T * D * F * 3       (swiglu gate, up, down; 2 matrices for gelu)
+                        + 2 * T * D * F * 3       (swiglu gate, up, down; 2 matrices for gelu;
+                                                   nothing for mlp="none")
             head:       2 * T * D * V             (tied or not)
 
         The embedding lookup, norms, RoPE, softmax and activations are not counted. Raises
@@ -476,7 +489,9 @@ class DecoderLM(nnx.Module):
         per_repeat = 0
         mixed = seq_len + self.num_meta_tokens  # the meta tokens pass through every layer
         for block in self.blocks.layers.blocks:
-            per_repeat += mixer_flops(block.mixer, mixed, "DecoderLM") + mlp_flops(block.mlp, mixed)
+            per_repeat += mixer_flops(block.mixer, mixed, "DecoderLM")
+            if block.mlp is not None:
+                per_repeat += mlp_flops(block.mlp, mixed)
         return int(self.num_repeats * per_repeat + 2 * seq_len * self.dim * self.vocab_size)
 
 

@@ -215,6 +215,14 @@ def test_bad_configs_fail_before_compiling_with_a_fix(tmp_path, data_dir):
         ({"mesh.data": 2, "mesh.tensor": 2, "mesh.fsdp": 1}, 8, "needs 4 devices but 8"),
         ({"mesh.data": 8, "batch_size": 12}, 8, "config.batch_size=12 must divide by the batch shards"),
         ({"data.name": "cifar10", "task": "classification"}, 1, "tfds build cifar10"),
+        ({"early_stop.metric": "psnr", "early_stop.threshold": 30.0, "eval_every_steps": 4}, 1,
+         "config.early_stop.metric must be an eval metric of task 'mqar' (loss, accuracy), got 'psnr'"),
+        ({"early_stop.metric": "accuracy", "early_stop.threshold": 0.99}, 1,
+         "config.early_stop needs periodic evals: set config.eval_every_steps >= 1, got 0"),
+        ({"early_stop.metric": "accuracy", "eval_every_steps": 4}, 1,
+         "config.early_stop.threshold must be a finite number, got None"),
+        ({"early_stop.metric": "loss", "early_stop.threshold": 1.0, "early_stop.mode": "below", "eval_every_steps": 4},
+         1, "config.early_stop.mode must be 'max' or 'min', got 'below'"),
     ]
     processes = [(start(tmp_path / str(i), tiny(data_dir, **o), devices=d), want) for i, (o, d, want) in
                  enumerate(cases)]
@@ -247,6 +255,36 @@ def test_metrics_files_and_resume_of_a_finished_run(tmp_path, data_dir):
     other = run(workdir, tiny(data_dir, **{"model.kwargs.dim": 48}))
     assert "holds a different train state" in other["config_error"]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8"]
+
+
+def test_early_stop_at_a_periodic_eval_and_on_rerun(tmp_path, data_dir):
+    """Stops (checkpoint saved) at the first eval meeting config.early_stop; a rerun of that
+    workdir evaluates the checkpoint and stops again without training; an unmet threshold (or the
+    "min" mode against a loss it never reaches) trains to num_steps."""
+    early = {"eval_every_steps": 4, "checkpoint.every_steps": 0, "early_stop.metric": "accuracy",
+             "early_stop.threshold": 0.0}
+    workdir = tmp_path / "early"
+    first = run(workdir, tiny(data_dir, **early))
+    assert first["early_stopped"] and first["step"] == 4, first["stdout"][-2000:]
+    assert "early stop at step 4: accuracy" in first["stderr"] + first["stdout"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4"]
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [4]
+    again = run(workdir, tiny(data_dir, **early))
+    assert again["early_stopped"] and again["step"] == 4
+    assert again["eval"] == pytest.approx(first["eval"], rel=1e-6)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4"]
+    assert [r["step"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"] == [1, 2, 3, 4]
+
+    unmet = run(tmp_path / "unmet", tiny(data_dir, **{**early, "early_stop.threshold": 1.01}))
+    assert not unmet["early_stopped"] and unmet["step"] == 12
+    low_loss = run(tmp_path / "min", tiny(data_dir, **{**early, "early_stop.metric": "loss", "early_stop.mode": "min",
+                                                       "early_stop.threshold": 1e-3}))
+    assert not low_loss["early_stopped"] and low_loss["step"] == 12
+    high_loss = run(tmp_path / "min_met", tiny(data_dir, **{**early, "early_stop.metric": "loss",
+                                                            "early_stop.mode": "min", "early_stop.threshold": 1e3}))
+    assert high_loss["early_stopped"] and high_loss["step"] == 4
 
 
 def _tensorboard_tags(directory):

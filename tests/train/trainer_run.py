@@ -60,7 +60,8 @@ def main():
         if spec["action"] == "train":
             run = train_and_evaluate(config, spec["workdir"])
             result.update(step=run.step, eval=run.eval_metrics, train=run.train_metrics,
-                          stopped_by_signal=run.stopped_by_signal, seconds=run.seconds)
+                          stopped_by_signal=run.stopped_by_signal, seconds=run.seconds,
+                          early_stopped=run.early_stopped)
     except ConfigError as error:
         result.update(config_error=str(error))
     except NonFiniteLossError as error:

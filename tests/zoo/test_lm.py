@@ -60,6 +60,8 @@ def numpy_lm(model: DecoderLM, tokens, segment_ids=None, positions=None) -> np.n
             probs /= probs.sum(-1, keepdims=True)
             out = np.einsum("bhts,bshk->bthk", probs, v)
             x = x + np.einsum("bthk,hkd->btd", out, w(attn.o_proj.kernel))
+            if block.mlp is None:
+                continue
             h = _rms_norm(x, w(block.mlp_norm.scale))
             up = h @ w(block.mlp.up.kernel)
             if block.mlp.gate is not None:
@@ -84,6 +86,8 @@ LM_CASES = {
                             mlp_dim=36, rope_theta=500.0, scan_layers=False, vocab_size=29), 9),
     "mqa_head_dim": (dict(pattern="attn,swa,swa", depth=3, dim=18, num_heads=3, num_kv_heads=1, head_dim=10,
                           sliding_window=2, vocab_size=31, remat="dots"), 11),
+    "mixer_only": (dict(pattern="swa,attn", depth=4, dim=16, num_heads=2, mlp="none", sliding_window=2,
+                        vocab_size=23), 7),
 }
 
 
@@ -108,8 +112,9 @@ def test_lm_float64_matches_numpy(case, x64):
         assert _rel_err(packed, numpy_lm(model, tokens, segment_ids, positions)) < 1e-10
 
     # The comparison can fail: a small change in one parameter of the last repetition is detected.
-    kernel = model.blocks.layers.blocks[-1].mlp.down.kernel
-    kernel[...] = kernel[...].at[-1, 0, 0].add(1e-4)
+    last = model.blocks.layers.blocks[-1]
+    kernel = last.mixer.o_proj.kernel if last.mlp is None else last.mlp.down.kernel
+    kernel[...] = kernel[...].at[(-1,) + (0,) * (kernel[...].ndim - 1)].add(1e-4)
     assert _rel_err(forward(model, tokens, None, None), ref) > 1e-8
 
 
@@ -257,7 +262,8 @@ def test_lm_meta_tokens():
         (dict(pattern="swa,,attn", depth=3), ValueError, "pattern 'swa,,attn' has an empty token"),
         (dict(pattern="swa,swa,attn", depth=4), ValueError,
          r"depth \(4\) must be a multiple of the pattern length \(3 for pattern 'swa,swa,attn'\)"),
-        (dict(mlp="relu"), ValueError, "mlp must be 'swiglu' or 'gelu', got 'relu'"),
+        (dict(mlp="relu"), ValueError, "mlp must be 'swiglu', 'gelu' or 'none', got 'relu'"),
+        (dict(mlp="none", mlp_dim=64), ValueError, r"mlp_dim must be None when mlp='none' \(no MLP\), got 64"),
         (dict(remat="dot"), ValueError, "remat must be one of"),
         (dict(num_kv_heads=3), ValueError, r"num_kv_heads \(3\) must divide num_heads \(4\)"),
         (dict(pattern=["attn"]), TypeError, "pattern must be a comma-separated string"),
@@ -306,6 +312,13 @@ def test_lm_forward_flops_equals_traced_matmuls():
     )
     with pytest.raises(ValueError, match="seq_len must be an int >= 1"):
         mixed.forward_flops(0)
+
+    # Mixer-only layers (mlp="none"): no MLP parameters, no MLP FLOPs, traced == analytic.
+    mixer_only = _small_lm(pattern="attn", mixer_options=bidirectional, mlp="none")
+    assert mixer_only.mlp_dim == 0 and all(b.mlp is None and b.mlp_norm is None for b in mixer_only.blocks.layers.blocks)
+    assert num_params(full) + 32 * 64 - num_params(mixer_only) == 4 * (3 * dim * 128 + dim)
+    assert mixer_only.forward_flops(length) == full.forward_flops(length) - 4 * mlp
+    assert traced_matmul_flops(mixer_only, tokens) == 3 * mixer_only.forward_flops(length)
 
 
 def test_lm_presets_override():
