@@ -25,60 +25,62 @@ Outputs (``--output``, default ``benchmarks/results/mqar.md``; the CSV and PNG s
 * stdout: that table, each run's time, and the projected time of the whole sweep on this machine
   from the runs measured so far (see :func:`projected_sweep_seconds`).
 
-Mixers (``--mixers``, DecoderLM patterns; every model has 2 layers, as all of Zoology's):
+Mixers (``--mixers``; DecoderLM patterns of 2 mixer-only layers, as all of Zoology's models):
 
-    attention        attn                     global causal softmax attention
-    sliding_window   swa                      window of --window (16) tokens
-    linear_attention linear_attention         fla-style (layer defaults)
-    based            based                    Taylor-feature linear attention (Based's mixer)
-    retnet           retnet
-    gla              gla
-    deltanet         deltanet
-    gated_deltanet   gated_deltanet
-    kda              kda
-    mamba            mamba
-    mamba2           mamba2
-    hybrid           gated_deltanet,attn      one Gated DeltaNet layer, then one global attention
-                                              layer (the Gated DeltaNet paper's / Qwen3-Next's
-                                              recurrent + attention interleaving)
+    attention        attn                        two global causal softmax attention layers (Figure 2)
+    sliding_window   base_conv,swa               window of --window (16) tokens
+    linear_attention base_conv,linear_attention  fla-style (layer defaults)
+    based            base_conv,based             Taylor-feature linear attention (Based's mixer)
+    retnet           base_conv,retnet
+    gla              base_conv,gla
+    deltanet         base_conv,deltanet
+    gated_deltanet   base_conv,gated_deltanet
+    kda              base_conv,kda
+    mamba            mamba                       two Mamba layers (their own short convolutions)
+    mamba2           mamba2                      two Mamba-2 layers
+    hybrid           gated_deltanet,attn         one Gated DeltaNet layer, then one global attention
+                                                 layer (the Gated DeltaNet paper's / Qwen3-Next's
+                                                 recurrent + attention interleaving)
+
+``base_conv`` is Based's gated short convolution (``attnzoo.layers.BaseConv``, kernel 3, ``D``
+channels: ``expand_proj=2``), in layer 0 exactly where Zoology puts its ``BaseConv``.
 
 What Zoology did (HazyResearch/zoology, read at commit d88d6f5,
 ``zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py`` and its README, and for
 the newer mixers ``zoology/experiments/models_repo.py`` with
-``zoology/experiments/mqar_example_configs/original_mqar_configs.py``; ``zoology/config.py`` and
-``zoology/train.py`` for the defaults):
+``zoology/experiments/mqar_example_configs/original_mqar_configs.py``; ``zoology/config.py``,
+``zoology/train.py`` and ``zoology/mixers/hybrid.py`` for the defaults):
 
 * data: vocab 8,192, (seq_len, kv) = (64, 4), (128, 8), (256, 16) (and (512, 64), commented out),
   100,000 train / 3,000 test examples, power_a 0.01, ``random_non_queries=False`` (attnzoo's
   dataset fills the non-query slots with random tokens, the generator's default);
-* models: ``n_layers=2`` for every mixer (attention, Hyena, RWKV, H3, BaseConv, Based, Mamba in
-  Figure 2; DeltaNet, Gated DeltaNet, GLA, Mamba-2, sliding window in ``models_repo.py``), no MLP
-  (state mixer ``Identity``); Based in Figure 2, and every mixer in ``models_repo.py``, a hybrid
-  with a short BaseConv (kernel 3) in front; attention 1 head (2 in ``models_repo.py``), widths
-  64, 128, 256, 512;
-* training: AdamW, weight decay 0.1, cosine schedule to 0, 64 epochs (early stop at 0.99 eval
-  accuracy), batch 512 (seq 64, 128) or 256 (seq 256), i.e. about 12,500 steps at seq 64 / 128
+* models: ``n_layers=2`` for every mixer, no MLP (state mixer ``Identity``). Based in Figure 2,
+  and attention, Based, sliding window, DeltaNet, Gated DeltaNet, GLA in ``models_repo.py``, use
+  the ``Hybrid`` mixer over ``[BaseConv(kernel 3), mixer]``, which gives layer ``i`` the config
+  ``i % 2``: layer 0 is a BaseConv, layer 1 the mixer. Attention in Figure 2 (two attention
+  layers, 1 head), Mamba and Mamba-2 are not wrapped. Widths 64, 128, 256, 512;
+* training: AdamW, weight decay 0.1, cosine schedule to 0, 64 epochs, early stop at 0.99 eval
+  accuracy, batch 512 (seq 64, 128) or 256 (seq 256), i.e. about 12,500 steps at seq 64 / 128
   and 25,000 at seq 256; learning rates ``np.logspace(-4, -2, 4)`` = 1e-4, 4.6e-4, 2.2e-3, 1e-2,
   the best of the four plotted (the newer configs: ``np.logspace(-3, -1.5, 4)``, 32 epochs).
 
 How this sweep is scaled down: the same three (seq_len, kv) points, power law and generator, the
-same 2 layers and widths 64, 128, 256 (512 dropped), but
+same 2 mixer-only layers, BaseConv placement, early stop and widths 64, 128, 256 (512 dropped), but
 
 * vocab 512 instead of 8,192 (keys from [1, 256), values from [256, 512); 100k train / 1k test
   examples per length, the ``mqar_sweep`` builder of :func:`sweep_builder_class`): the model
   computes logits over the whole vocab at every position, and at vocab 8,192 that head is ~85% of
-  the FLOPs of a width-64, length-64 step (0.45 s per attention step here; ~6% at vocab 512);
-* attnzoo's DecoderLM blocks (pre-norm mixer + SwiGLU MLP; the mixers' own short convolutions where
-  the layer has one; no BaseConv in front; 2 heads everywhere; ``swa`` window 16 tokens);
-* batch 64 (``--batch-size``) for ``--steps`` (default 1,000) steps, i.e. 64k examples (0.64 epoch)
-  against Zoology's 6.4M: the budget in which ``attnzoo/configs/mqar.py`` (same trainer, batch 64)
-  takes 2-layer attention to ~0.996 on vocab 256, seq 64 / 8 pairs; here 2-layer attention at width
-  64, seq 64 / 4 pairs, LR 3e-3 reached 0.869 in 1,000 steps (180 s; its loss falls between steps 400
-  and 600), so fewer steps would leave even attention short. AdamW as in ``attnzoo/configs/common.py``
+  the FLOPs of a width-64, length-64 step (~6% at vocab 512);
+* attnzoo's layers with their defaults (fla's where they follow fla), 2 heads everywhere, RoPE in
+  attention, ``swa`` window 16 tokens, pre-norm RMSNorm blocks (``mlp="none"``);
+* batch 64 (``--batch-size``) for at most ``--steps`` (default 1,000) steps, i.e. 64k examples
+  (0.64 epoch) against Zoology's 6.4M, evaluated every 100 steps on the 1,000 test examples and
+  stopped at accuracy >= 0.99 (``config.early_stop``); AdamW as in ``attnzoo/configs/common.py``
   (weight decay 0.1 as Zoology, 100 warmup steps, cosine to 0.1 of the peak, clip 1.0);
-* learning rates 1e-3, 3e-3, 1e-2 (``--lrs``): half-decade steps over the top of Zoology's two grids
-  (1e-4 does not train in 1,000 steps), the best taken per point. Runs that stop on a non-finite
-  loss are recorded with accuracy 0.
+* learning rates 3e-3, 1e-2, 1e-3 (``--lrs``, run in that order): half-decade steps over the top of
+  Zoology's two grids (1e-4 does not train in 1,000 steps), the best taken per point; once one LR
+  reaches 0.99 the point's best is known to within 0.01 and its other LRs are skipped. Runs that
+  stop on a non-finite loss are recorded with accuracy 0.
 
 Expected shape (Zoology, Figure 2; Based paper, Figure 2): attention solves MQAR (accuracy ~1) at
 every width and length; the gated-convolution / recurrent mixers need larger widths (a larger
@@ -88,21 +90,24 @@ close most of the gap; sliding-window attention fails once keys sit further back
 the hybrid behaves like attention. With ~1/100 of Zoology's training the sub-quadratic mixers (and
 attention at seq 256) land lower than in the paper; the ordering is the result to read.
 
-Cost (measured 2026-12-05 on the 2-core x86 CPU of the dev container, shared with another job,
-1-minute load average 3.5-5; the trainer's ms per step at batch 64, compile excluded): at width 64,
-length 64, attention 99-137, linear_attention 153, gated_deltanet ~290; at width 256, length 256
-(3-10 steps each), in seconds per step: gla 2.6, deltanet 3.4, attention 3.5, hybrid 3.9,
-sliding_window 4.2, linear_attention 4.5, based 5.0, retnet 5.4, mamba2 6.7, gated_deltanet 8.2,
-kda 8.5. Mamba then took 6.2 s per step at width 64 (> 60 s at width 256): its selective scan's
-``xla`` form was an associative scan per chunk; with the token-by-token chunks that replaced it
-(2026-12-06) a 2-layer Mamba step at width 64 takes 0.57 s at load 1 (attention: 0.10 s). Each run
-adds 15-70 s of data loading, compiling and the eval. Projected by :func:`projected_sweep_seconds`
-from the runs above (Mamba excluded), the full default sweep (12 mixers x 3 widths x 3 lengths x 3
-LRs = 324 runs of 1,000 steps) costs about 150 hours of this CPU, one LR alone about a third: it is
-meant to be run in parts (it resumes), e.g. ``--lengths 64`` first, or on a faster machine; the
-script prints the projection after each invocation from the runs measured so far. Fewer steps
-would not be a faithful sweep (2-layer attention reached 0.869 at width 64, length 64 in 1,000
-steps; ``--steps 2000`` is closer to the paper at twice the cost).
+A first protocol, and what it taught (rows with ``mlp=swiglu`` in the CSV, 2026-12-05/06; the
+table and plot use only the current protocol): pre-norm blocks with a SwiGLU MLP, no BaseConv,
+width 64, seq 64 / 4 pairs, LR 3e-3, 1,000 steps. Attention 0.869; DeltaNet 0.994, Gated DeltaNet
+0.990, KDA 0.998; but linear attention 0.233, Based 0.238, RetNet 0.234, GLA 0.224, sliding window
+0.288 and the hybrid 0.242 (0.202 / 0.232 at LR 1e-3 / 1e-2). About 0.25 is what a model earns by
+knowing which 4 values occur in the sequence without binding them to their keys. Two causes,
+each checked by changing only it:
+
+* without a short convolution, a linear-attention layer has no way to store the pair "key at
+  ``t-1`` -> value at ``t``": it sees no positions (no RoPE), and a decay only says how far back.
+  The delta-rule mixers carry their own short convolutions and solved it. Zoology puts a BaseConv
+  in layer 0 for exactly this reason; with it (and no MLP, as Zoology) Based reaches 0.962 at
+  LR 3e-3 in 1,000 steps (0.94 at step 800 and rising);
+* the hybrid has a Gated DeltaNet layer with its short convolutions, yet failed at all three LRs
+  with MLPs; the same model without MLPs reaches 0.924 in 1,000 steps (LR 3e-3). The SwiGLU MLPs
+  delay the retrieval circuit past this budget. (One Gated DeltaNet layer alone, which could
+  store and read the pairs by itself, reached only 0.098 in 1,000 steps: the circuit is found far
+  sooner with two layers.)
 
 ``--smoke`` (CI): attention and linear_attention, width 64, length 64, 20 steps, LR 3e-3, writing
 to a temporary directory unless ``--output`` is given; 64 s here, dataset build included
@@ -125,36 +130,43 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cpu_model, load_average  # noqa: E402
 
-# mixer name -> DecoderLM pattern (one super-block; depth LAYERS repeats it)
+# mixer name -> DecoderLM pattern of its LAYERS layers. As in Zoology's models_repo.py, the
+# mixers Zoology wraps in its Hybrid (BaseConv in layer 0, the mixer in layer 1) get a BaseConv
+# layer first; attention (Figure 2: two attention layers), Mamba and Mamba-2 (their own short
+# convolutions) do not; the hybrid is one Gated DeltaNet and one attention layer.
 MIXERS = {
     "attention": "attn",
-    "sliding_window": "swa",
-    "linear_attention": "linear_attention",
-    "based": "based",
-    "retnet": "retnet",
-    "gla": "gla",
-    "deltanet": "deltanet",
-    "gated_deltanet": "gated_deltanet",
-    "kda": "kda",
+    "sliding_window": "base_conv,swa",
+    "linear_attention": "base_conv,linear_attention",
+    "based": "base_conv,based",
+    "retnet": "base_conv,retnet",
+    "gla": "base_conv,gla",
+    "deltanet": "base_conv,deltanet",
+    "gated_deltanet": "base_conv,gated_deltanet",
+    "kda": "base_conv,kda",
     "mamba": "mamba",
     "mamba2": "mamba2",
     "hybrid": "gated_deltanet,attn",
 }
 LAYERS = 2  # Zoology: n_layers=2 for every mixer (attention included)
+MLP = "none"  # Zoology: state_mixer Identity (mixer-only layers)
+BASE_CONV = {"expand_proj": 2, "kernel_size": 3}  # Zoology's BaseConv: d_model channels, kernel 3
 # seq_len -> num_kv_pairs (Zoology Figure 2); the datasets are mqar_sweep/v512_t{T}_kv{K}
 LENGTHS = {64: 4, 128: 8, 256: 16}
 VOCAB_SIZE = 512  # Zoology: 8192 (see the module docstring)
 WIDTHS = (64, 128, 256)
-LEARNING_RATES = (1e-3, 3e-3, 1e-2)
+LEARNING_RATES = (3e-3, 1e-2, 1e-3)  # run in this order; a point solved at one LR skips the rest
 STEPS = 1000
 BATCH_SIZE = 64
 HEADS = 2
 WINDOW = 16
+EVAL_EVERY = 100  # Zoology evaluates every epoch and stops at TARGET_ACCURACY
+TARGET_ACCURACY = 0.99
 
 SMOKE = dict(mixers=["attention", "linear_attention"], widths=[64], lengths=[64], lrs=[3e-3], steps=20)
 
-COLUMNS = ["mixer", "pattern", "layers", "width", "seq_len", "num_kv_pairs", "vocab_size", "learning_rate",
-           "batch_size", "steps", "accuracy", "loss", "seconds", "step_ms", "status", "date"]
+COLUMNS = ["mixer", "pattern", "layers", "mlp", "width", "seq_len", "num_kv_pairs", "vocab_size", "learning_rate",
+           "batch_size", "steps", "stopped_at", "accuracy", "loss", "seconds", "step_ms", "status", "date"]
 DONE_STATUSES = ("ok", "nonfinite")  # rows a rerun skips (errors are retried)
 
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "mqar.md")
@@ -303,12 +315,18 @@ def make_config(mixer, width, seq_len, lr, *, steps, batch_size, heads, window, 
     config.model.kwargs.depth = LAYERS
     config.model.kwargs.num_heads = heads
     config.model.kwargs.sliding_window = window
+    config.model.kwargs.mlp = MLP
+    if "base_conv" in MIXERS[mixer]:
+        config.model.kwargs.mixer_options = {"base_conv": dict(BASE_CONV)}
     config.batch_size = batch_size
     config.num_steps = steps
     config.optimizer.learning_rate = lr
     config.optimizer.warmup_steps = min(100, max(steps // 10, 1))
     config.log_every_steps = max(steps // 5, 1)
-    config.eval_every_steps = 0
+    config.eval_every_steps = EVAL_EVERY if steps > EVAL_EVERY else 0
+    if config.eval_every_steps:
+        config.early_stop.metric = "accuracy"
+        config.early_stop.threshold = TARGET_ACCURACY
     config.checkpoint.every_steps = 0  # only the final step (the trainer always saves it)
     config.checkpoint.keep = 1
     config.checkpoint.async_save = False
@@ -316,10 +334,12 @@ def make_config(mixer, width, seq_len, lr, *, steps, batch_size, heads, window, 
 
 
 def train_one(config):
-    """(accuracy, loss, status, seconds, ms per train step) of one run in a throwaway workdir.
+    """(accuracy, loss, status, seconds, ms per train step, last step) of one run in a throwaway
+    workdir.
 
-    ``seconds`` is the whole run (data, compile, train, eval); the step time is the trainer's, from
-    its last log interval (compile excluded)."""
+    ``seconds`` is the whole run (data, compile, train, evals); the step time is the trainer's, from
+    its last log interval (compile excluded); the last step is ``config.num_steps`` unless the run
+    stopped early at ``TARGET_ACCURACY``."""
     from attnzoo.train.train import NonFiniteLossError, train_and_evaluate
 
     started = time.perf_counter()
@@ -328,12 +348,12 @@ def train_one(config):
             result = train_and_evaluate(config, workdir)
         except NonFiniteLossError as error:
             print(f"  non-finite loss: {error}", flush=True)
-            return 0.0, float("nan"), "nonfinite", time.perf_counter() - started, float("nan")
+            return 0.0, float("nan"), "nonfinite", time.perf_counter() - started, float("nan"), 0
     if result.stopped_by_signal:
         raise KeyboardInterrupt(f"stopped by {result.stopped_by_signal}")
     step_ms = 1e3 * float(result.train_metrics.get("step_time_s", float("nan")))
     return (float(result.eval_metrics["accuracy"]), float(result.eval_metrics.get("loss", float("nan"))), "ok",
-            time.perf_counter() - started, step_ms)
+            time.perf_counter() - started, step_ms, result.step)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,12 +361,16 @@ def train_one(config):
 
 
 def read_rows(path):
+    """The CSV's rows with typed fields; rows from before the ``mlp`` / ``stopped_at`` columns
+    (2026-12-05/06: SwiGLU MLPs, no early stop) read as ``mlp="swiglu"``, ``stopped_at=steps``."""
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
-        for key in ("layers", "width", "seq_len", "num_kv_pairs", "vocab_size", "batch_size", "steps"):
+        row["mlp"] = row.get("mlp") or "swiglu"
+        row["stopped_at"] = row.get("stopped_at") or row["steps"]
+        for key in ("layers", "width", "seq_len", "num_kv_pairs", "vocab_size", "batch_size", "steps", "stopped_at"):
             row[key] = int(row[key])
         for key in ("learning_rate", "accuracy", "loss", "seconds", "step_ms"):
             row[key] = float(row[key]) if row.get(key) not in (None, "") else float("nan")
@@ -354,7 +378,20 @@ def read_rows(path):
 
 
 def append_row(path, row):
+    """Appends ``row``; a CSV with other columns (an older version of this script) is first
+    rewritten with ``COLUMNS`` (atomically, its rows as :func:`read_rows` reads them)."""
     new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != COLUMNS:
+            old_rows = read_rows(path)
+            with open(path + ".tmp", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                writer.writeheader()
+                for old in old_rows:
+                    writer.writerow({key: _csv_value(old[key]) for key in COLUMNS})
+            os.replace(path + ".tmp", path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:
@@ -362,13 +399,23 @@ def append_row(path, row):
         writer.writerow({key: row[key] for key in COLUMNS})
 
 
+def _csv_value(value):
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
 def run_key(mixer, width, seq_len, lr, steps, batch_size):
-    return (mixer, MIXERS[mixer], width, seq_len, f"{lr:.6g}", steps, batch_size)
+    return (mixer, MIXERS[mixer], MLP, width, seq_len, f"{lr:.6g}", steps, batch_size)
 
 
 def row_key(row):
-    return (row["mixer"], row["pattern"], row["width"], row["seq_len"], f"{row['learning_rate']:.6g}", row["steps"],
-            row["batch_size"])
+    return (row["mixer"], row["pattern"], row["mlp"], row["width"], row["seq_len"], f"{row['learning_rate']:.6g}",
+            row["steps"], row["batch_size"])
+
+
+def current(row, steps, batch_size):
+    """Whether ``row`` is a finished run of this sweep's protocol (patterns, MLP, steps, batch)."""
+    return (row["status"] in DONE_STATUSES and row["mixer"] in MIXERS and row["pattern"] == MIXERS[row["mixer"]]
+            and row["mlp"] == MLP and row["steps"] == steps and row["batch_size"] == batch_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,7 +442,8 @@ def projected_sweep_seconds(rows, steps, batch_size, mixers=tuple(MIXERS), width
     like width x length here (the output head and MLP scale with width, attention with length^2
     but is small at T <= 256), so the scaled estimates are rough; measure the largest points.
     """
-    measured = [r for r in rows if r["status"] in DONE_STATUSES and r["batch_size"] == batch_size]
+    measured = [r for r in rows if r["status"] in DONE_STATUSES and r["batch_size"] == batch_size
+                and r["mixer"] in MIXERS and r["pattern"] == MIXERS[r["mixer"]] and r["mlp"] == MLP]
     if not measured:
         return None, 0, 0
 
@@ -449,13 +497,24 @@ def best_accuracy(rows, steps, batch_size):
     """{(mixer, seq_len, width): (best accuracy over LRs, its LR)} for runs at ``steps``/``batch_size``."""
     best = {}
     for r in rows:
-        if r["status"] not in DONE_STATUSES or r["steps"] != steps or r["batch_size"] != batch_size:
+        if not current(r, steps, batch_size):
             continue
         key = (r["mixer"], r["seq_len"], r["width"])
         accuracy = r["accuracy"] if math.isfinite(r["accuracy"]) else 0.0
         if key not in best or accuracy > best[key][0]:
             best[key] = (accuracy, r["learning_rate"])
     return best
+
+
+def solved_at(rows, mixer, width, seq_len, steps, batch_size):
+    """The learning rate of a finished run of this point with accuracy >= ``TARGET_ACCURACY``
+    (the best over LRs is then known to within 1 - TARGET_ACCURACY: the other LRs are not run),
+    or None."""
+    for r in rows:
+        if (current(r, steps, batch_size) and (r["mixer"], r["width"], r["seq_len"]) == (mixer, width, seq_len)
+                and r["accuracy"] >= TARGET_ACCURACY):
+            return r["learning_rate"]
+    return None
 
 
 def markdown_table(best):
@@ -544,57 +603,66 @@ def main(argv=None):
         todo = [(m, w, t, lr) for t in args.lengths for w in args.widths for m in args.mixers for lr in args.lrs
                 if run_key(m, w, t, lr, args.steps, args.batch_size) not in done]
         total = len(args.mixers) * len(args.widths) * len(args.lengths) * len(args.lrs)
-        log(f"{total - len(todo)} of {total} selected runs already in the CSV; {len(todo)} to run")
+        log(f"{total - len(todo)} of {total} selected runs already in the CSV; at most {len(todo)} to run")
         for index, (mixer, width, seq_len, lr) in enumerate(todo, 1):
+            solved = solved_at(read_rows(csv_path), mixer, width, seq_len, args.steps, args.batch_size)
+            if solved is not None:
+                log(f"[{index}/{len(todo)}] {mixer} width {width} seq_len {seq_len}: solved at lr {solved:g} "
+                    f"(accuracy >= {TARGET_ACCURACY}); lr {lr:g} skipped")
+                continue
             config = make_config(mixer, width, seq_len, lr, steps=args.steps, batch_size=args.batch_size,
                                  heads=args.heads, window=args.window, seed=args.seed, data_dir=args.data_dir)
             prepare_dataset(seq_len, args.data_dir)
             log(f"[{index}/{len(todo)}] {mixer} ({MIXERS[mixer]}) width {width} seq_len {seq_len} "
                 f"kv {LENGTHS[seq_len]} lr {lr:g} steps {args.steps}")
             try:
-                accuracy, loss, status, seconds, step_ms = train_one(config)
+                accuracy, loss, status, seconds, step_ms, stopped_at = train_one(config)
             except KeyboardInterrupt:
                 log("interrupted; rerun the same command to resume")
                 raise
             except Exception as error:  # recorded, retried on the next run
                 failures += 1
-                accuracy, loss, status, seconds, step_ms = (float("nan"), float("nan"),
-                                                            f"error: {type(error).__name__}", 0.0, float("nan"))
+                accuracy, loss, status, seconds, step_ms, stopped_at = (
+                    float("nan"), float("nan"), f"error: {type(error).__name__}", 0.0, float("nan"), 0)
                 log(f"  ERROR {type(error).__name__}: {error}")
             append_row(csv_path, dict(
-                mixer=mixer, pattern=MIXERS[mixer], layers=LAYERS, width=width, seq_len=seq_len,
+                mixer=mixer, pattern=MIXERS[mixer], layers=LAYERS, mlp=MLP, width=width, seq_len=seq_len,
                 num_kv_pairs=LENGTHS[seq_len], vocab_size=VOCAB_SIZE, learning_rate=f"{lr:.6g}",
-                batch_size=args.batch_size, steps=args.steps, accuracy=f"{accuracy:.4f}", loss=f"{loss:.4f}",
+                batch_size=args.batch_size, steps=args.steps, stopped_at=stopped_at, accuracy=f"{accuracy:.4f}",
+                loss=f"{loss:.4f}",
                 seconds=f"{seconds:.1f}", step_ms=f"{step_ms:.1f}", status=status,
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
             ))
-            log(f"  accuracy {accuracy:.4f}, {seconds:.1f} s, {step_ms:.0f} ms/step ({status})")
+            log(f"  accuracy {accuracy:.4f} at step {stopped_at}, {seconds:.1f} s, {step_ms:.0f} ms/step ({status})")
 
     rows = read_rows(csv_path)
     best = best_accuracy(rows, args.steps, args.batch_size)
     date = datetime.date.today().isoformat()
     table = markdown_table(best) if best else "(no finished runs)"
-    heading = (f"### MQAR (Zoology Figure 2, scaled down): best accuracy over LRs, {LAYERS} layers, vocab "
-               f"{VOCAB_SIZE}, {args.steps} steps x batch {args.batch_size}")
+    heading = (f"### MQAR (Zoology Figure 2, scaled down): best accuracy over LRs, {LAYERS} mixer-only layers, "
+               f"vocab {VOCAB_SIZE}, at most {args.steps} steps x batch {args.batch_size} (stopped at accuracy "
+               f"{TARGET_ACCURACY})")
     text = "\n".join([
         heading, "",
         f"`{command}` on {date}, {machine_line(jax)}. Cells: accuracy at the query positions of the 1,000 test "
-        f"examples (the LR that gave it). Full results: `{os.path.basename(csv_path)}`.", "", table,
+        f"examples (the LR that gave it); `-`: not run yet. Patterns, and how this differs from Zoology: the "
+        f"docstring of `benchmarks/mqar.py`. Every run: `{os.path.basename(csv_path)}`.", "", table,
     ])
     print(text)
     with open(args.output, "w") as f:
         f.write(text + "\n")
     if best:
-        title = f"MQAR, {LAYERS} layers, {args.steps} steps x batch {args.batch_size}, best LR ({date})"
+        title = (f"MQAR, {LAYERS} mixer-only layers, vocab {VOCAB_SIZE}, <= {args.steps} steps x batch "
+                 f"{args.batch_size}, best LR ({date})")
         if write_plot(best, png_path, title):
             log(f"plot: {png_path}")
 
-    measured = [r for r in rows if r["status"] in DONE_STATUSES and r["batch_size"] == args.batch_size]
+    measured = [r for r in rows if current(r, args.steps, args.batch_size)]
     if measured:
-        log("\nmeasured runs (seconds, compile + train + eval):")
+        log("\nmeasured runs (seconds, compile + train + evals):")
         for r in measured[-12:]:
             log(f"  {r['mixer']:>16} d={r['width']:<4} T={r['seq_len']:<4} lr={r['learning_rate']:<7g} "
-                f"{r['steps']} steps: {r['seconds']:.1f} s")
+                f"{r['stopped_at']} of {r['steps']} steps: {r['seconds']:.1f} s")
     for steps in dict.fromkeys([args.steps, STEPS]):
         total, n_measured, n_estimated = projected_sweep_seconds(rows, steps, args.batch_size)
         log(f"projected full sweep ({len(MIXERS)} mixers x {len(WIDTHS)} widths x {len(LENGTHS)} lengths x "

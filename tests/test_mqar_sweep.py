@@ -1,0 +1,127 @@
+"""benchmarks/mqar.py's sweep logic without training: the configs it builds (Zoology's BaseConv
+placement, mixer-only layers, early stop), the order and skipping of learning rates, resuming,
+the CSV written by an older version, and which rows the table and plot use."""
+
+import csv
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mqar():
+    spec = importlib.util.spec_from_file_location("mqar_sweep_script", ROOT / "benchmarks" / "mqar.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config(mqar, mixer, steps=1000):
+    return mqar.make_config(mixer, 128, 128, 3e-3, steps=steps, batch_size=64, heads=2, window=16, seed=0,
+                            data_dir="/nowhere")
+
+
+def test_configs_follow_zoology(mqar):
+    wrapped = {m for m, pattern in mqar.MIXERS.items() if pattern.startswith("base_conv,")}
+    assert wrapped == {"sliding_window", "linear_attention", "based", "retnet", "gla", "deltanet", "gated_deltanet",
+                       "kda"}
+    for mixer in mqar.MIXERS:
+        config = _config(mqar, mixer)
+        kwargs = config.model.kwargs
+        assert (kwargs.depth, kwargs.mlp, kwargs.dim, kwargs.vocab_size) == (2, "none", 128, mqar.VOCAB_SIZE)
+        assert len(kwargs.pattern.split(",")) in (1, 2) and kwargs.depth % len(kwargs.pattern.split(",")) == 0
+        assert config.data.name == "mqar_sweep/v512_t128_kv8" and config.data.seq_len == 128
+        assert (config.eval_every_steps, config.early_stop.metric, config.early_stop.threshold) == (100, "accuracy",
+                                                                                                    0.99)
+        options = kwargs.get("mixer_options")
+        assert (options is not None and options.to_dict() == {"base_conv": {"expand_proj": 2, "kernel_size": 3}}) == (
+            mixer in wrapped)
+    assert _config(mqar, "attention", steps=20).eval_every_steps == 0  # smoke runs: one final eval
+
+
+def test_models_build_as_configured(mqar):
+    """Every sweep model builds at the smallest point: layer 0 is a BaseConv exactly for the
+    wrapped mixers, and no layer has an MLP."""
+    from flax import nnx
+
+    from attnzoo import zoo
+
+    for mixer, pattern in mqar.MIXERS.items():
+        kwargs = _config(mqar, mixer).model.kwargs.to_dict()
+        kwargs["dim"] = 16
+        model = nnx.eval_shape(lambda kwargs=kwargs: zoo.create_model("lm_nano", **kwargs, rngs=nnx.Rngs(0)))
+        blocks = model.blocks.layers.blocks
+        kinds = [type(block.mixer).__name__ for block in blocks]
+        assert all(block.mlp is None for block in blocks), mixer
+        if pattern.startswith("base_conv,"):
+            assert kinds[0] == "BaseConv" and kinds[1] != "BaseConv", (mixer, kinds)
+            assert blocks[0].mixer.inner_dim == 16 and blocks[0].mixer.kernel_size == 3
+        else:
+            assert "BaseConv" not in kinds, (mixer, kinds)
+
+
+def _row(mqar, mixer, lr, accuracy, *, width=64, seq_len=64, steps=1000, mlp=None, pattern=None):
+    return dict(mixer=mixer, pattern=pattern or mqar.MIXERS[mixer], layers=2, mlp=mlp or mqar.MLP, width=width,
+                seq_len=seq_len, num_kv_pairs=mqar.LENGTHS[seq_len], vocab_size=512, learning_rate=f"{lr:.6g}",
+                batch_size=64, steps=steps, stopped_at=steps, accuracy=f"{accuracy:.4f}", loss="1.0", seconds="10.0",
+                step_ms="5.0", status="ok", date="2026-12-06T00:00:00")
+
+
+def test_learning_rates_run_in_order_and_a_solved_point_skips_the_rest(mqar, tmp_path, monkeypatch):
+    runs = []
+    accuracy = {("deltanet", 3e-3): 0.995, ("gla", 3e-3): 0.4, ("gla", 1e-2): 0.6, ("gla", 1e-3): 0.2}
+
+    def fake_train_one(config):
+        mixer = {pattern: name for name, pattern in mqar.MIXERS.items()}[config.model.kwargs.pattern]
+        lr = config.optimizer.learning_rate
+        runs.append((mixer, lr))
+        value = accuracy[(mixer, lr)]
+        return value, 0.5, "ok", 12.0, 3.0, 300 if value >= 0.99 else 1000
+
+    monkeypatch.setattr(mqar, "train_one", fake_train_one)
+    monkeypatch.setattr(mqar, "prepare_dataset", lambda seq_len, data_dir: None)
+    monkeypatch.setattr(mqar, "write_plot", lambda best, path, title: False)
+    output = tmp_path / "mqar.md"
+    argv = ["--mixers", "deltanet,gla", "--widths", "64", "--lengths", "64", "--output", str(output)]
+    assert mqar.main(argv) == 0
+    assert runs == [("deltanet", 3e-3), ("gla", 3e-3), ("gla", 1e-2), ("gla", 1e-3)]
+    rows = mqar.read_rows(str(tmp_path / "mqar.csv"))
+    assert [(r["mixer"], r["learning_rate"], r["stopped_at"]) for r in rows] == [
+        ("deltanet", 3e-3, 300), ("gla", 3e-3, 1000), ("gla", 1e-2, 1000), ("gla", 1e-3, 1000)]
+    best = mqar.best_accuracy(rows, 1000, 64)
+    assert best == {("deltanet", 64, 64): (0.995, 3e-3), ("gla", 64, 64): (0.6, 1e-2)}
+    assert "| deltanet | 0.995 (3e-03) |" in output.read_text() and "| gla | 0.600 (1e-02) |" in output.read_text()
+
+    runs.clear()  # a rerun trains nothing: finished runs are in the CSV, deltanet's other LRs are skipped
+    assert mqar.main(argv) == 0
+    assert runs == []
+    assert len(mqar.read_rows(str(tmp_path / "mqar.csv"))) == 4
+
+
+def test_an_older_csv_is_migrated_and_its_rows_stay_out_of_the_table(mqar, tmp_path):
+    path = tmp_path / "mqar.csv"
+    old_columns = [c for c in mqar.COLUMNS if c not in ("mlp", "stopped_at")]
+    old = _row(mqar, "based", 3e-3, 0.238, pattern="based")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns)
+        writer.writeheader()
+        writer.writerow({key: old[key] for key in old_columns})
+    (rows,) = [mqar.read_rows(str(path))]
+    assert rows[0]["mlp"] == "swiglu" and rows[0]["stopped_at"] == 1000 and math.isclose(rows[0]["accuracy"], 0.238)
+    assert mqar.best_accuracy(rows, 1000, 64) == {}  # another protocol: not plotted
+
+    mqar.append_row(str(path), _row(mqar, "based", 3e-3, 0.9615))
+    with open(path, newline="") as f:
+        assert next(csv.reader(f)) == mqar.COLUMNS
+    rows = mqar.read_rows(str(path))
+    assert [(r["pattern"], r["mlp"], r["accuracy"]) for r in rows] == [("based", "swiglu", 0.238),
+                                                                       ("base_conv,based", "none", 0.9615)]
+    assert mqar.best_accuracy(rows, 1000, 64) == {("based", 64, 64): (0.9615, 3e-3)}
+    assert mqar.solved_at(rows, "based", 64, 64, 1000, 64) is None
+    mqar.append_row(str(path), _row(mqar, "based", 1e-2, 0.991))
+    assert mqar.solved_at(mqar.read_rows(str(path)), "based", 64, 64, 1000, 64) == 1e-2
+    assert mqar.solved_at(mqar.read_rows(str(path)), "based", 128, 64, 1000, 64) is None
