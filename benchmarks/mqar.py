@@ -425,16 +425,18 @@ def current(row, steps, batch_size):
 def run_cost(row):
     """(overhead seconds, seconds per step) of a measured run: the step time is the trainer's
     (compile excluded); the overhead the rest (data, compile, eval)."""
-    step_s = row["step_ms"] / 1e3 if math.isfinite(row.get("step_ms", float("nan"))) else row["seconds"] / row["steps"]
-    return max(row["seconds"] - row["steps"] * step_s, 0.0), step_s
+    steps = row.get("stopped_at") or row["steps"]
+    step_s = row["step_ms"] / 1e3 if math.isfinite(row.get("step_ms", float("nan"))) else row["seconds"] / steps
+    return max(row["seconds"] - steps * step_s, 0.0), step_s
 
 
 def projected_sweep_seconds(rows, steps, batch_size, mixers=tuple(MIXERS), widths=WIDTHS, lengths=tuple(LENGTHS),
                             lrs=LEARNING_RATES):
-    """(total seconds, runs measured, runs estimated) of the sweep ``mixers x widths x lengths x
-    lrs`` at ``steps`` / ``batch_size`` on this machine.
+    """(total seconds, runs measured, runs estimated, seconds still to run) of the sweep ``mixers
+    x widths x lengths x lrs`` at ``steps`` / ``batch_size`` on this machine.
 
-    A run in ``rows`` counts its measured time. Another costs ``overhead + steps x step time``
+    A run in ``rows`` counts its measured time; the LRs not run at a point already solved
+    (:func:`solved_at`) cost nothing. Another run costs ``overhead + steps x step time``
     (:func:`run_cost`): both from measured runs (any LR or step count) of the same (mixer, width,
     length) where there are some (the LR does not change the cost); else the step time is the same
     mixer's median seconds per (step x width x length) times this run's width x length (else all
@@ -445,7 +447,7 @@ def projected_sweep_seconds(rows, steps, batch_size, mixers=tuple(MIXERS), width
     measured = [r for r in rows if r["status"] in DONE_STATUSES and r["batch_size"] == batch_size
                 and r["mixer"] in MIXERS and r["pattern"] == MIXERS[r["mixer"]] and r["mlp"] == MLP]
     if not measured:
-        return None, 0, 0
+        return None, 0, 0, None
 
     def median(values):
         values = sorted(values)
@@ -457,7 +459,7 @@ def projected_sweep_seconds(rows, steps, batch_size, mixers=tuple(MIXERS), width
         by_point.setdefault((r["mixer"], r["width"], r["seq_len"]), []).append(run_cost(r))
     overall_rate = median(run_cost(r)[1] / (r["width"] * r["seq_len"]) for r in measured)
     overall_overhead = median(run_cost(r)[0] for r in measured)
-    total, n_measured, n_estimated = 0.0, 0, 0
+    total, n_measured, n_estimated, remaining = 0.0, 0, 0, 0.0
     for mixer in mixers:
         mixer_rows = [r for r in measured if r["mixer"] == mixer]
         rate = median(run_cost(r)[1] / (r["width"] * r["seq_len"]) for r in mixer_rows) if mixer_rows else overall_rate
@@ -470,13 +472,17 @@ def projected_sweep_seconds(rows, steps, batch_size, mixers=tuple(MIXERS), width
                         total += done[key]
                         n_measured += 1
                         continue
+                    if solved_at(measured, mixer, width, seq_len, steps, batch_size) is not None:
+                        continue
                     n_estimated += 1
                     point = by_point.get((mixer, width, seq_len))
                     if point:
-                        total += median(c[0] for c in point) + steps * median(c[1] for c in point)
+                        cost = median(c[0] for c in point) + steps * median(c[1] for c in point)
                     else:
-                        total += overhead + steps * rate * width * seq_len
-    return total, n_measured, n_estimated
+                        cost = overhead + steps * rate * width * seq_len
+                    total += cost
+                    remaining += cost
+    return total, n_measured, n_estimated, remaining
 
 
 def fmt_duration(seconds):
@@ -515,6 +521,21 @@ def solved_at(rows, mixer, width, seq_len, steps, batch_size):
                 and r["accuracy"] >= TARGET_ACCURACY):
             return r["learning_rate"]
     return None
+
+
+def sweep_progress(rows, steps, batch_size):
+    """(finished points, all points) of the default grid: a point is finished when it is solved
+    (:func:`solved_at`) or every LR of ``LEARNING_RATES`` ran."""
+    finished = 0
+    for mixer in MIXERS:
+        for width in WIDTHS:
+            for seq_len in LENGTHS:
+                ran = {f"{r['learning_rate']:.6g}" for r in rows if current(r, steps, batch_size)
+                       and (r["mixer"], r["width"], r["seq_len"]) == (mixer, width, seq_len)}
+                if (solved_at(rows, mixer, width, seq_len, steps, batch_size) is not None
+                        or ran >= {f"{lr:.6g}" for lr in LEARNING_RATES}):
+                    finished += 1
+    return finished, len(MIXERS) * len(WIDTHS) * len(LENGTHS)
 
 
 def markdown_table(best):
@@ -639,6 +660,7 @@ def main(argv=None):
     best = best_accuracy(rows, args.steps, args.batch_size)
     date = datetime.date.today().isoformat()
     table = markdown_table(best) if best else "(no finished runs)"
+    finished, points = sweep_progress(rows, args.steps, args.batch_size)
     heading = (f"### MQAR (Zoology Figure 2, scaled down): best accuracy over LRs, {LAYERS} mixer-only layers, "
                f"vocab {VOCAB_SIZE}, at most {args.steps} steps x batch {args.batch_size} (stopped at accuracy "
                f"{TARGET_ACCURACY})")
@@ -646,7 +668,9 @@ def main(argv=None):
         heading, "",
         f"`{command}` on {date}, {machine_line(jax)}. Cells: accuracy at the query positions of the 1,000 test "
         f"examples (the LR that gave it); `-`: not run yet. Patterns, and how this differs from Zoology: the "
-        f"docstring of `benchmarks/mqar.py`. Every run: `{os.path.basename(csv_path)}`.", "", table,
+        f"docstring of `benchmarks/mqar.py`. Every run: `{os.path.basename(csv_path)}`.", "",
+        f"Sweep progress: {finished} of {points} (mixer, width, length) points finished (one LR reached "
+        f"{TARGET_ACCURACY}, or all {len(LEARNING_RATES)} LRs ran); it resumes where it stopped.", "", table,
     ])
     print(text)
     with open(args.output, "w") as f:
@@ -664,10 +688,11 @@ def main(argv=None):
             log(f"  {r['mixer']:>16} d={r['width']:<4} T={r['seq_len']:<4} lr={r['learning_rate']:<7g} "
                 f"{r['stopped_at']} of {r['steps']} steps: {r['seconds']:.1f} s")
     for steps in dict.fromkeys([args.steps, STEPS]):
-        total, n_measured, n_estimated = projected_sweep_seconds(rows, steps, args.batch_size)
+        total, n_measured, n_estimated, remaining = projected_sweep_seconds(rows, steps, args.batch_size)
         log(f"projected full sweep ({len(MIXERS)} mixers x {len(WIDTHS)} widths x {len(LENGTHS)} lengths x "
-            f"{len(LEARNING_RATES)} LRs, {steps} steps x batch {args.batch_size}): {fmt_duration(total)} "
-            f"({n_measured} runs measured, {n_estimated} estimated)")
+            f"{len(LEARNING_RATES)} LRs, at most {steps} steps x batch {args.batch_size}): {fmt_duration(total)}, "
+            f"{fmt_duration(remaining)} of it still to run ({n_measured} runs measured, at most {n_estimated} "
+            f"estimated at full length)")
     return 1 if failures else 0
 
 

@@ -40,7 +40,7 @@ SECTIONS = [
         files=["mqar.md"],
         plots=["mqar.png"],
         date=None,  # the table's own header gives it
-        pending="the full sweep is about 150 hours of this CPU; it resumes, so it runs in parts",
+        pending="the sweep runs in parts and resumes; the script prints the projected time of the rest",
         about="Multi-query associative recall accuracy of 2-layer models per mixer, width and sequence "
               "length (Zoology Figure 2, scaled to this CPU), best learning rate per point; the "
               "comparison with the paper is in the script's docstring and the table's notes.",

@@ -96,6 +96,12 @@ def test_learning_rates_run_in_order_and_a_solved_point_skips_the_rest(mqar, tmp
     assert best == {("deltanet", 64, 64): (0.995, 3e-3), ("gla", 64, 64): (0.6, 1e-2)}
     assert "| deltanet | 0.995 (3e-03) |" in output.read_text() and "| gla | 0.600 (1e-02) |" in output.read_text()
 
+    assert mqar.sweep_progress(rows, 1000, 64) == (2, 108)
+    assert "Sweep progress: 2 of 108 (mixer, width, length) points finished" in output.read_text()
+    # the projection counts the 4 runs as measured and nothing for deltanet's skipped LRs at this point
+    total, measured, estimated, remaining = mqar.projected_sweep_seconds(rows, 1000, 64)
+    assert (measured, estimated) == (4, 108 * 3 - 4 - 2) and math.isclose(total - remaining, 4 * 12.0)
+
     runs.clear()  # a rerun trains nothing: finished runs are in the CSV, deltanet's other LRs are skipped
     assert mqar.main(argv) == 0
     assert runs == []
