@@ -24,6 +24,7 @@ CASES = {
     "zamba_lm_tiny": ("zamba_lm_tiny", dict(depth=12, attention_adapters=True)),
     "mega_attn": ("lm_nano", dict(pattern="mega,attn", mixer_options={"mega": {"chunk_size": 4}})),
     "based": ("lm_nano", dict(pattern="base_conv,based,swa", depth=3, sliding_window=4)),
+    "mixer_only": ("lm_nano", dict(pattern="base_conv,gated_deltanet,attn", depth=3, mlp="none")),
 }
 PRESETS = list(CASES)
 
