@@ -73,7 +73,7 @@ def _row(mqar, mixer, lr, accuracy, *, width=64, seq_len=64, steps=1000, mlp=Non
 
 def test_learning_rates_run_in_order_and_a_solved_point_skips_the_rest(mqar, tmp_path, monkeypatch):
     runs = []
-    accuracy = {("deltanet", 3e-3): 0.995, ("gla", 3e-3): 0.4, ("gla", 1e-2): 0.6, ("gla", 1e-3): 0.2}
+    accuracy = {("deltanet", 3e-3): 0.995, ("gla", 3e-3): 0.4, ("gla", 1e-2): 0.6, ("gla", 3e-2): 0.2}
 
     def fake_train_one(config):
         mixer = {pattern: name for name, pattern in mqar.MIXERS.items()}[config.model.kwargs.pattern]
@@ -88,10 +88,10 @@ def test_learning_rates_run_in_order_and_a_solved_point_skips_the_rest(mqar, tmp
     output = tmp_path / "mqar.md"
     argv = ["--mixers", "deltanet,gla", "--widths", "64", "--lengths", "64", "--output", str(output)]
     assert mqar.main(argv) == 0
-    assert runs == [("deltanet", 3e-3), ("gla", 3e-3), ("gla", 1e-2), ("gla", 1e-3)]
+    assert runs == [("deltanet", 3e-3), ("gla", 3e-3), ("gla", 1e-2), ("gla", 3e-2)]
     rows = mqar.read_rows(str(tmp_path / "mqar.csv"))
     assert [(r["mixer"], r["learning_rate"], r["stopped_at"]) for r in rows] == [
-        ("deltanet", 3e-3, 300), ("gla", 3e-3, 1000), ("gla", 1e-2, 1000), ("gla", 1e-3, 1000)]
+        ("deltanet", 3e-3, 300), ("gla", 3e-3, 1000), ("gla", 1e-2, 1000), ("gla", 3e-2, 1000)]
     best = mqar.best_accuracy(rows, 1000, 64)
     assert best == {("deltanet", 64, 64): (0.995, 3e-3), ("gla", 64, 64): (0.6, 1e-2)}
     assert "| deltanet | 0.995 (3e-03) |" in output.read_text() and "| gla | 0.600 (1e-02) |" in output.read_text()
