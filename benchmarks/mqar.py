@@ -527,10 +527,10 @@ def solved_at(rows, mixer, width, seq_len, steps, batch_size):
     return None
 
 
-def sweep_progress(rows, steps, batch_size):
-    """(finished points, all points) of the default grid: a point is finished when it is solved
-    (:func:`solved_at`) or every LR of ``LEARNING_RATES`` ran."""
-    finished = 0
+def finished_points(rows, steps, batch_size):
+    """The (mixer, seq_len, width) points of the default grid whose best accuracy is final: solved
+    (:func:`solved_at`) or run at every LR of ``LEARNING_RATES``."""
+    finished = set()
     for mixer in MIXERS:
         for width in WIDTHS:
             for seq_len in LENGTHS:
@@ -538,8 +538,87 @@ def sweep_progress(rows, steps, batch_size):
                        and (r["mixer"], r["width"], r["seq_len"]) == (mixer, width, seq_len)}
                 if (solved_at(rows, mixer, width, seq_len, steps, batch_size) is not None
                         or ran >= {f"{lr:.6g}" for lr in LEARNING_RATES}):
-                    finished += 1
-    return finished, len(MIXERS) * len(WIDTHS) * len(LENGTHS)
+                    finished.add((mixer, seq_len, width))
+    return finished
+
+
+def sweep_progress(rows, steps, batch_size):
+    """(finished points, all points) of the default grid (:func:`finished_points`)."""
+    return len(finished_points(rows, steps, batch_size)), len(MIXERS) * len(WIDTHS) * len(LENGTHS)
+
+
+RECALL_MIXERS = ("based", "deltanet", "gated_deltanet", "kda")  # "close most of the gap" (Zoology, DeltaNet)
+OTHER_SUBQUADRATIC = ("linear_attention", "retnet", "gla", "mamba", "mamba2")
+SLACK = 0.02  # accuracy differences below this count as equal in the shape checks
+
+
+def zoology_checks(best, finished):
+    """Markdown lines: each qualitative result of Zoology's Figure 2 (as the issue lists them),
+    checked on the finished points only, with the numbers and a verdict (agrees / disagrees / not
+    measured yet). ``best``: :func:`best_accuracy`; ``finished``: :func:`finished_points`."""
+    final = {key: value[0] for key, value in best.items() if key in finished}
+    points = sorted({(t, w) for (_, t, w) in final})
+    lines = []
+
+    def verdict(ok, measured):
+        return "not measured yet" if not measured else "**agrees**" if ok else "**disagrees**"
+
+    def cells(mixer):
+        return ", ".join(f"T={t} d={w}: {final[(mixer, t, w)]:.3f}" for t, w in points if (mixer, t, w) in final)
+
+    attention = {p: final[("attention", *p)] for p in points if ("attention", *p) in final}
+    lines.append(f"- Attention solves MQAR at every width and length (accuracy >= {TARGET_ACCURACY}): "
+                 f"{verdict(all(a >= TARGET_ACCURACY for a in attention.values()), attention)}"
+                 + (f" ({cells('attention')})" if attention else ""))
+
+    rising, falling, pairs_w, pairs_t = [], [], 0, 0
+    for mixer in MIXERS:
+        if mixer in ("attention", "hybrid"):
+            continue
+        for t in LENGTHS:
+            series = [final[(mixer, t, w)] for w in WIDTHS if (mixer, t, w) in final]
+            if len(series) >= 2:
+                pairs_w += 1
+                if any(b < a - SLACK for a, b in zip(series, series[1:])):
+                    rising.append(f"{mixer} at T={t}: " + " -> ".join(f"{a:.3f}" for a in series))
+        for w in WIDTHS:
+            series = [final[(mixer, t, w)] for t in LENGTHS if (mixer, t, w) in final]
+            if len(series) >= 2:
+                pairs_t += 1
+                if any(b > a + SLACK for a, b in zip(series, series[1:])):
+                    falling.append(f"{mixer} at d={w}: " + " -> ".join(f"{a:.3f}" for a in series))
+    lines.append(f"- Sub-quadratic mixers do no worse with more width (the curves rise to the right): "
+                 f"{verdict(not rising, pairs_w)} ({pairs_w} (mixer, length) curves with 2+ widths"
+                 + (f"; falling: {'; '.join(rising)}" if rising else "") + ")")
+    lines.append(f"- ... and no better with longer sequences and more pairs: {verdict(not falling, pairs_t)} "
+                 f"({pairs_t} (mixer, width) series with 2+ lengths" + (f"; rising: {'; '.join(falling)}" if falling
+                                                                        else "") + ")")
+
+    gaps = []
+    for t, w in points:
+        recall = [final[(m, t, w)] for m in RECALL_MIXERS if (m, t, w) in final]
+        other = [final[(m, t, w)] for m in OTHER_SUBQUADRATIC if (m, t, w) in final]
+        if recall and other and ("attention", t, w) in final:
+            gaps.append((t, w, final[("attention", t, w)], sum(recall) / len(recall), sum(other) / len(other)))
+    closes = all(a - r <= (a - o) / 2 + SLACK for _, _, a, r, o in gaps)
+    lines.append("- Based and the delta-rule mixers close most of the gap to attention (their mean accuracy "
+                 "within half of the other sub-quadratic mixers' distance to attention): "
+                 f"{verdict(closes, gaps)}" + (" (" + "; ".join(
+                     f"T={t} d={w}: attention {a:.3f}, Based/delta {r:.3f}, others {o:.3f}" for t, w, a, r, o in gaps)
+                     + ")" if gaps else ""))
+
+    window = {p: final[("sliding_window", *p)] for p in points if ("sliding_window", *p) in final}
+    lines.append(f"- Sliding-window attention ({WINDOW} tokens) fails once keys sit beyond its window (below "
+                 f"{TARGET_ACCURACY} at every length): {verdict(all(v < TARGET_ACCURACY for v in window.values()), window)}"
+                 + (f" ({cells('sliding_window')})" if window else ""))
+
+    hybrid = [(p, final[("hybrid", *p)], attention[p]) for p in points if ("hybrid", *p) in final and p in attention]
+    lines.append(f"- The Gated DeltaNet + attention hybrid behaves like attention (within {SLACK} of it or both >= "
+                 f"{TARGET_ACCURACY}): "
+                 f"{verdict(all(abs(h - a) <= SLACK or min(h, a) >= TARGET_ACCURACY for _, h, a in hybrid), hybrid)}"
+                 + (" (" + "; ".join(f"T={p[0]} d={p[1]}: hybrid {h:.3f}, attention {a:.3f}" for p, h, a in hybrid)
+                    + ")" if hybrid else ""))
+    return lines
 
 
 def markdown_table(best):
@@ -665,6 +744,7 @@ def main(argv=None):
     date = datetime.date.today().isoformat()
     table = markdown_table(best) if best else "(no finished runs)"
     finished, points = sweep_progress(rows, args.steps, args.batch_size)
+    checks = zoology_checks(best, finished_points(rows, args.steps, args.batch_size))
     heading = (f"### MQAR (Zoology Figure 2, scaled down): best accuracy over LRs, {LAYERS} mixer-only layers, "
                f"vocab {VOCAB_SIZE}, at most {args.steps} steps x batch {args.batch_size} (stopped at accuracy "
                f"{TARGET_ACCURACY})")
@@ -674,7 +754,9 @@ def main(argv=None):
         f"examples (the LR that gave it); `-`: not run yet. Patterns, and how this differs from Zoology: the "
         f"docstring of `benchmarks/mqar.py`. Every run: `{os.path.basename(csv_path)}`.", "",
         f"Sweep progress: {finished} of {points} (mixer, width, length) points finished (one LR reached "
-        f"{TARGET_ACCURACY}, or all {len(LEARNING_RATES)} LRs ran); it resumes where it stopped.", "", table,
+        f"{TARGET_ACCURACY}, or all {len(LEARNING_RATES)} LRs ran); it resumes where it stopped.", "", table, "",
+        "Zoology's qualitative results, checked on the finished points (differences below "
+        f"{SLACK} count as equal):", "", *checks,
     ])
     print(text)
     with open(args.output, "w") as f:

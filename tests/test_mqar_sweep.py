@@ -131,3 +131,43 @@ def test_an_older_csv_is_migrated_and_its_rows_stay_out_of_the_table(mqar, tmp_p
     mqar.append_row(str(path), _row(mqar, "based", 1e-2, 0.991))
     assert mqar.solved_at(mqar.read_rows(str(path)), "based", 64, 64, 1000, 64) == 1e-2
     assert mqar.solved_at(mqar.read_rows(str(path)), "based", 128, 64, 1000, 64) is None
+
+
+def test_zoology_checks_agree_and_disagree_with_the_numbers(mqar):
+    def grid(accuracy):
+        best = {(m, t, w): (accuracy(m, t, w), 3e-3) for m in mqar.MIXERS for t in (64, 128) for w in (64, 128)}
+        return best, set(best)
+
+    def paper_like(mixer, t, w):
+        if mixer in ("attention", "hybrid"):
+            return 0.999
+        if mixer in mqar.RECALL_MIXERS:
+            return 0.99 - 0.01 * (t // 64) + 0.001 * (w // 64)
+        if mixer == "sliding_window":
+            return 0.6
+        return 0.3 + 0.1 * (w // 64) - 0.1 * (t // 64)
+
+    lines = mqar.zoology_checks(*grid(paper_like))
+    assert len(lines) == 6 and all("**agrees**" in line for line in lines), lines
+    assert "T=64 d=64: attention 0.999, Based/delta 0.981, others 0.300" in lines[3]
+
+    def unlike(mixer, t, w):
+        if mixer == "attention":
+            return 0.9 if (t, w) == (128, 64) else 0.999
+        if mixer == "hybrid":
+            return 0.5
+        if mixer == "gla":
+            return 0.5 - 0.1 * (w // 64) + 0.1 * (t // 64)  # falls with width, rises with length
+        if mixer == "sliding_window":
+            return 1.0
+        return 0.3  # Based / delta rule no better than the rest
+
+    lines = mqar.zoology_checks(*grid(unlike))
+    assert all("**disagrees**" in line for line in lines), lines
+    assert "T=128 d=64: 0.900" in lines[0]
+    assert "gla at T=64: 0.500 -> 0.400" in lines[1] and "gla at d=64: 0.500 -> 0.600" in lines[2]
+    assert "T=64 d=64: hybrid 0.500, attention 0.999" in lines[5]
+
+    # unfinished points are left out: nothing finished, nothing judged
+    best, _ = grid(unlike)
+    assert all("not measured yet" in line for line in mqar.zoology_checks(best, set()))
