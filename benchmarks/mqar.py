@@ -579,13 +579,13 @@ def zoology_checks(best, finished):
             series = [final[(mixer, t, w)] for w in WIDTHS if (mixer, t, w) in final]
             if len(series) >= 2:
                 pairs_w += 1
-                if any(b < a - SLACK for a, b in zip(series, series[1:])):
+                if any(b < a - SLACK for a, b in zip(series, series[1:], strict=False)):
                     rising.append(f"{mixer} at T={t}: " + " -> ".join(f"{a:.3f}" for a in series))
         for w in WIDTHS:
             series = [final[(mixer, t, w)] for t in LENGTHS if (mixer, t, w) in final]
             if len(series) >= 2:
                 pairs_t += 1
-                if any(b > a + SLACK for a, b in zip(series, series[1:])):
+                if any(b > a + SLACK for a, b in zip(series, series[1:], strict=False)):
                     falling.append(f"{mixer} at d={w}: " + " -> ".join(f"{a:.3f}" for a in series))
     lines.append(f"- Sub-quadratic mixers do no worse with more width (the curves rise to the right): "
                  f"{verdict(not rising, pairs_w)} ({pairs_w} (mixer, length) curves with 2+ widths"
