@@ -13,15 +13,17 @@ positions (``mqar`` task, the whole 1,000-example test split).
 
 Outputs (``--output``, default ``benchmarks/results/mqar.md``; the CSV and PNG sit next to it):
 
-* ``mqar.csv``: one row per finished run, appended as it finishes (mixer, pattern, layers, width,
-  seq_len, num_kv_pairs, vocab_size, learning_rate, batch_size, steps, accuracy, loss, seconds,
-  step_ms, status, date). A rerun skips every run already in it (same mixer, width, length, LR, steps and
-  batch), so an interrupted sweep resumes; ``--mixers``, ``--widths``, ``--lengths``, ``--lrs``,
-  ``--steps`` select a part.
+* ``mqar.csv``: one row per finished run, appended as it finishes (mixer, pattern, layers, mlp,
+  width, seq_len, num_kv_pairs, vocab_size, learning_rate, batch_size, steps, stopped_at, accuracy,
+  loss, seconds, step_ms, status, date). A rerun skips every run already in it (same mixer, pattern,
+  MLP, width, length, LR, steps and batch) and the other LRs of a solved point, so an interrupted
+  sweep resumes; ``--mixers``, ``--widths``, ``--lengths``, ``--lrs``, ``--steps`` select a part.
 * ``mqar.png``: like Zoology's Figure 2, one panel per (seq_len, kv pairs), accuracy against model
   width, one line per mixer, the best learning rate taken at each point (matplotlib, imported only
   when plotting).
-* ``mqar.md``: the command, date and machine, then the best accuracy per (mixer, width, length).
+* ``mqar.md``: the command, date and machine, the sweep's progress, the best accuracy per (mixer,
+  width, length), and Zoology's qualitative results checked on the finished points
+  (:func:`zoology_checks`).
 * stdout: that table, each run's time, and the projected time of the whole sweep on this machine
   from the runs measured so far (see :func:`projected_sweep_seconds`).
 
@@ -83,8 +85,10 @@ same 2 mixer-only layers, BaseConv placement, early stop and widths 64, 128, 256
   sweep began with 1e-3 in place of 3e-2: at width 64, length 64 that was the worst LR of every
   mixer that had not solved the point at 3e-3 (sliding window 0.083, linear attention 0.123, RetNet
   0.034, GLA 0.028, against 0.584, 0.527, 0.427, 0.230 at 1e-2), so a 1,000-step budget wants the
-  higher end of the grid; those runs stay in the CSV and count towards the best. Runs that stop on
-  a non-finite loss are recorded with accuracy 0.
+  higher end of the grid; those runs stay in the CSV and count towards the best. 3e-2 then proved
+  too high at every unsolved point at length 64 (0.007-0.23), so the grid brackets the best LR
+  (1e-2 almost everywhere) on both sides. Runs that stop on a non-finite loss are recorded with
+  accuracy 0.
 
 Expected shape (Zoology, Figure 2; Based paper, Figure 2): attention solves MQAR (accuracy ~1) at
 every width and length; the gated-convolution / recurrent mixers need larger widths (a larger
@@ -112,6 +116,18 @@ each checked by changing only it:
   delay the retrieval circuit past this budget. (One Gated DeltaNet layer alone, which could
   store and read the pairs by itself, reached only 0.098 in 1,000 steps: the circuit is found far
   sooner with two layers.)
+
+Cost: the CSV has every run's seconds (data, compile, training, evals) and ms per step. At width
+64, length 64 a step of the attention, sliding-window, linear-attention or GLA model takes 50-100 ms
+here when the CPU is otherwise idle (the CSV's slower steps were measured beside other jobs), a
+run 1-4 minutes; compute per step grows about like width x length (the projections and the head
+with width, every mixer's work with length), so a run at width 256, length 256 costs about 16
+times as much. After each invocation the script prints the projected time of the whole sweep and
+of what is still to run (:func:`projected_sweep_seconds`: measured runs count as measured, other
+runs at full length, scaled from the same mixer's runs); on 2026-12-06, from the first 39 runs (all
+at length 64), that was at most 51.5 hours for the sweep, 49.4 of them still to run: far beyond one
+session on this CPU, so the sweep runs in parts and resumes where it stopped (cheapest points
+first: ``--lengths 64`` before 128 and 256).
 
 ``--smoke`` (CI): attention and linear_attention, width 64, length 64, 20 steps, LR 3e-3, writing
 to a temporary directory unless ``--output`` is given; 64 s here, dataset build included
