@@ -5,6 +5,8 @@ the CSV written by an older version, and which rows the table and plot use."""
 import csv
 import importlib.util
 import math
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,66 @@ def test_zoology_checks_agree_and_disagree_with_the_numbers(mqar):
     # unfinished points are left out: nothing finished, nothing judged
     best, _ = grid(unlike)
     assert all("not measured yet" in line for line in mqar.zoology_checks(best, set()))
+
+
+def test_workers_train_each_pending_point_once_with_the_sweep_settings(mqar, tmp_path, monkeypatch):
+    """``--workers``: one job per point with a run still to do (solved and finished points are
+    left out), carrying every setting of the sweep, then the report from the whole CSV."""
+    path = tmp_path / "mqar.csv"
+    for mixer, lr, accuracy in [("deltanet", 3e-3, 0.995), ("gla", 3e-3, 0.4), ("gla", 1e-2, 0.6), ("gla", 3e-2, 0.2),
+                                ("based", 3e-3, 0.9)]:
+        mqar.append_row(str(path), _row(mqar, mixer, lr, accuracy))
+    jobs = []
+
+    def fake_run_in_workers(job_list, workers, log, cpus=None, poll_seconds=0.5):
+        assert workers == 2
+        jobs.extend(job_list)
+        return 0
+
+    monkeypatch.setattr(mqar, "run_in_workers", fake_run_in_workers)
+    monkeypatch.setattr(mqar, "prepare_dataset", lambda seq_len, data_dir: None)
+    monkeypatch.setattr(mqar, "write_plot", lambda best, path, title: False)
+    output = tmp_path / "mqar.md"
+    argv = ["--mixers", "deltanet,gla,based", "--widths", "64,128", "--lengths", "64", "--steps", "1000", "--workers",
+            "2", "--window", "8", "--seed", "3", "--output", str(output)]
+    assert mqar.main(argv) == 0
+    names = [name for name, _ in jobs]
+    assert names == ["based width 64 seq_len 64", "deltanet width 128 seq_len 64", "gla width 128 seq_len 64",
+                     "based width 128 seq_len 64"]
+    child = mqar.parse_args(jobs[0][1][2:])
+    assert (child.mixers, child.widths, child.lengths, child.lrs) == (["based"], [64], [64], list(mqar.LEARNING_RATES))
+    assert (child.steps, child.batch_size, child.heads, child.window, child.seed) == (1000, 64, 2, 8, 3)
+    assert (child.output, child.no_report, child.workers) == (str(output), True, 1)
+    assert "| gla | 0.600 (1e-02) |" in output.read_text()
+
+
+def test_a_no_report_run_leaves_the_table_alone(mqar, tmp_path, monkeypatch):
+    monkeypatch.setattr(mqar, "train_one", lambda config: (0.5, 1.0, "ok", 1.0, 1.0, 1000))
+    monkeypatch.setattr(mqar, "prepare_dataset", lambda seq_len, data_dir: None)
+    output = tmp_path / "mqar.md"
+    argv = ["--mixers", "gla", "--widths", "64", "--lengths", "64", "--lrs", "0.01", "--output", str(output)]
+    assert mqar.main([*argv, "--no-report"]) == 0
+    assert not output.exists() and len(mqar.read_rows(str(tmp_path / "mqar.csv"))) == 1
+
+
+def test_run_in_workers_runs_each_job_once_pinned_and_at_most_n_at_once(mqar, tmp_path):
+    """Real subprocesses: each job records its CPU affinity and its start / end times."""
+    script = ("import os, sys, time; start = time.time(); time.sleep(0.3); "
+              "open(sys.argv[1], 'w').write(repr((sorted(os.sched_getaffinity(0)), start, time.time()))); "
+              "print('done', sys.argv[1]); sys.exit(int(sys.argv[2]))")
+    cpus = sorted(os.sched_getaffinity(0))
+    jobs = [(f"job {i}", [sys.executable, "-c", script, str(tmp_path / f"{i}.txt"), "1" if i == 3 else "0"])
+            for i in range(5)]
+    lines = []
+    assert mqar.run_in_workers(jobs, 2, lines.append, poll_seconds=0.05) == 1  # job 3 exits 1
+    records = [eval((tmp_path / f"{i}.txt").read_text()) for i in range(5)]
+    slots = mqar.cpu_slots(2)
+    assert all(set(affinity) in [set(s) for s in slots] for affinity, _, _ in records)
+    events = sorted([(start, 1) for _, start, _ in records] + [(end, -1) for _, _, end in records])
+    running = [sum(step for _, step in events[:i + 1]) for i in range(len(events))]
+    assert max(running) <= 2
+    assert sum(line.startswith("[slot ") and " done " in line for line in lines) == 5
+    assert sum("finished job" in line for line in lines) == 5 and "exit code 1" in " ".join(lines)
+    assert set().union(*slots) == set(cpus)
+    assert mqar.cpu_slots(3, [0, 1]) == [{0}, {1}, {0}]
+    assert mqar.cpu_slots(2, [0, 1, 2, 3]) == [{0, 2}, {1, 3}]

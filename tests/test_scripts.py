@@ -142,10 +142,14 @@ def test_quickstart_notebook_executes(tmp_path):
 
 @pytest.mark.slow
 def test_mqar_benchmark_smoke(tmp_path):
-    """Two mixers train and evaluate through the trainer; the CSV, table and plot are written, and a rerun skips them."""
+    """Two mixers train and evaluate through the trainer, in two worker processes; the CSV, table and plot are
+    written, and a rerun (in one process) skips them."""
     args = ("benchmarks/mqar.py", "--smoke", "--output", str(tmp_path / "mqar.md"), "--data-dir", str(tmp_path / "tfds"))
-    result = run(*args)
+    result = run(*args, "--workers", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 points to train, 2 at a time" in result.stdout
+    for slot in (0, 1):
+        assert f"[slot {slot}] finished" in result.stdout and f"[slot {slot}]   accuracy" in result.stdout
     assert "| attention |" in result.stdout and "| linear_attention |" in result.stdout
     assert "projected full sweep" in result.stdout
     rows = (tmp_path / "mqar.csv").read_text().splitlines()
