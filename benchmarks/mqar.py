@@ -15,16 +15,18 @@ positions (``mqar`` task, the whole 1,000-example test split).
 Outputs (``--output``, default ``benchmarks/results/mqar.md``; the CSV and PNG sit next to it):
 
 * ``mqar.csv``: one row per finished run, appended as it finishes (mixer, pattern, layers, mlp,
-  width, seq_len, num_kv_pairs, vocab_size, learning_rate, batch_size, steps, stopped_at, accuracy,
-  loss, seconds, step_ms, status, date). A rerun skips every run already in it (same mixer, pattern,
-  MLP, width, length, LR, steps and batch) and the other LRs of a solved point, so an interrupted
-  sweep resumes; ``--mixers``, ``--widths``, ``--lengths``, ``--lrs``, ``--steps`` select a part.
+  width, seq_len, num_kv_pairs, vocab_size, learning_rate, seed, batch_size, steps, stopped_at,
+  accuracy, loss, seconds, step_ms, status, date). A rerun skips every run already in it (same mixer,
+  pattern, MLP, width, length, LR, seed, steps and batch) and the other LRs of a solved point, so an
+  interrupted sweep resumes; ``--mixers``, ``--widths``, ``--lengths``, ``--lrs``, ``--steps``,
+  ``--seed`` select a part. Rows from before the seed column read as seed 0.
 * ``mqar.png``: like Zoology's Figure 2, one panel per (seq_len, kv pairs), accuracy against model
   width, one line per mixer, the best learning rate taken at each point (matplotlib, imported only
   when plotting).
 * ``mqar.md``: the command, date and machine, the sweep's progress, the best accuracy per (mixer,
-  width, length), and Zoology's qualitative results checked on the finished points
-  (:func:`zoology_checks`).
+  width, length) at ``--seed`` (default 0), Zoology's qualitative results checked on the finished
+  points (:func:`zoology_checks`), and every run repeated at other seeds with its spread
+  (:func:`seed_spread`).
 * stdout: that table, each run's time, and the projected time of the whole sweep on this machine
   from the runs measured so far (see :func:`projected_sweep_seconds`).
 
@@ -199,7 +201,7 @@ TARGET_ACCURACY = 0.99
 
 SMOKE = dict(mixers=["attention", "linear_attention"], widths=[64], lengths=[64], lrs=[3e-3], steps=20)
 
-COLUMNS = ["mixer", "pattern", "layers", "mlp", "width", "seq_len", "num_kv_pairs", "vocab_size", "learning_rate",
+COLUMNS = ["mixer", "pattern", "layers", "mlp", "width", "seq_len", "num_kv_pairs", "vocab_size", "learning_rate", "seed",
            "batch_size", "steps", "stopped_at", "accuracy", "loss", "seconds", "step_ms", "status", "date"]
 DONE_STATUSES = ("ok", "nonfinite")  # rows a rerun skips (errors are retried)
 
@@ -407,9 +409,10 @@ def pending_points(rows, args):
     for seq_len in args.lengths:
         for width in args.widths:
             for mixer in args.mixers:
-                if solved_at(rows, mixer, width, seq_len, args.steps, args.batch_size) is not None:
+                if solved_at(rows, mixer, width, seq_len, args.steps, args.batch_size, args.seed) is not None:
                     continue
-                if all(run_key(mixer, width, seq_len, lr, args.steps, args.batch_size) in done for lr in args.lrs):
+                if all(run_key(mixer, width, seq_len, lr, args.steps, args.batch_size, args.seed) in done
+                       for lr in args.lrs):
                     continue
                 points.append((mixer, width, seq_len))
     return points
@@ -499,7 +502,9 @@ def read_rows(path):
     for row in rows:
         row["mlp"] = row.get("mlp") or "swiglu"
         row["stopped_at"] = row.get("stopped_at") or row["steps"]
-        for key in ("layers", "width", "seq_len", "num_kv_pairs", "vocab_size", "batch_size", "steps", "stopped_at"):
+        row["seed"] = row.get("seed") or 0
+        for key in ("layers", "width", "seq_len", "num_kv_pairs", "vocab_size", "seed", "batch_size", "steps",
+                    "stopped_at"):
             row[key] = int(row[key])
         for key in ("learning_rate", "accuracy", "loss", "seconds", "step_ms"):
             row[key] = float(row[key]) if row.get(key) not in (None, "") else float("nan")
@@ -532,19 +537,21 @@ def _csv_value(value):
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
-def run_key(mixer, width, seq_len, lr, steps, batch_size):
-    return (mixer, MIXERS[mixer], MLP, width, seq_len, f"{lr:.6g}", steps, batch_size)
+def run_key(mixer, width, seq_len, lr, steps, batch_size, seed=0):
+    return (mixer, MIXERS[mixer], MLP, width, seq_len, f"{lr:.6g}", seed, steps, batch_size)
 
 
 def row_key(row):
     return (row["mixer"], row["pattern"], row["mlp"], row["width"], row["seq_len"], f"{row['learning_rate']:.6g}",
-            row["steps"], row["batch_size"])
+            row["seed"], row["steps"], row["batch_size"])
 
 
-def current(row, steps, batch_size):
-    """Whether ``row`` is a finished run of this sweep's protocol (patterns, MLP, steps, batch)."""
+def current(row, steps, batch_size, seed=0):
+    """Whether ``row`` is a finished run of this sweep's protocol (patterns, MLP, steps, batch) at
+    ``seed`` (None: any seed)."""
     return (row["status"] in DONE_STATUSES and row["mixer"] in MIXERS and row["pattern"] == MIXERS[row["mixer"]]
-            and row["mlp"] == MLP and row["steps"] == steps and row["batch_size"] == batch_size)
+            and row["mlp"] == MLP and row["steps"] == steps and row["batch_size"] == batch_size
+            and (seed is None or row["seed"] == seed))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -560,9 +567,9 @@ def run_cost(row):
 
 
 def projected_sweep_seconds(rows, steps, batch_size, mixers=tuple(MIXERS), widths=WIDTHS, lengths=tuple(LENGTHS),
-                            lrs=LEARNING_RATES):
+                            lrs=LEARNING_RATES, seed=0):
     """(total seconds, runs measured, runs estimated, seconds still to run) of the sweep ``mixers
-    x widths x lengths x lrs`` at ``steps`` / ``batch_size`` on this machine.
+    x widths x lengths x lrs`` at ``steps`` / ``batch_size`` and ``seed`` on this machine.
 
     A run in ``rows`` counts its measured time; the LRs not run at a point already solved
     (:func:`solved_at`) cost nothing. Another run costs ``overhead + steps x step time``
@@ -582,7 +589,7 @@ def projected_sweep_seconds(rows, steps, batch_size, mixers=tuple(MIXERS), width
         values = sorted(values)
         return values[len(values) // 2]
 
-    done = {row_key(r): r["seconds"] for r in measured}
+    done = {row_key(r): r["seconds"] for r in measured if r["seed"] == seed}
     by_point = {}
     for r in measured:
         by_point.setdefault((r["mixer"], r["width"], r["seq_len"]), []).append(run_cost(r))
@@ -596,12 +603,12 @@ def projected_sweep_seconds(rows, steps, batch_size, mixers=tuple(MIXERS), width
         for width in widths:
             for seq_len in lengths:
                 for lr in lrs:
-                    key = run_key(mixer, width, seq_len, lr, steps, batch_size)
+                    key = run_key(mixer, width, seq_len, lr, steps, batch_size, seed)
                     if key in done:
                         total += done[key]
                         n_measured += 1
                         continue
-                    if solved_at(measured, mixer, width, seq_len, steps, batch_size) is not None:
+                    if solved_at(measured, mixer, width, seq_len, steps, batch_size, seed) is not None:
                         continue
                     n_estimated += 1
                     point = by_point.get((mixer, width, seq_len))
@@ -628,11 +635,12 @@ def fmt_duration(seconds):
 # table and plot
 
 
-def best_accuracy(rows, steps, batch_size):
-    """{(mixer, seq_len, width): (best accuracy over LRs, its LR)} for runs at ``steps``/``batch_size``."""
+def best_accuracy(rows, steps, batch_size, seed=0):
+    """{(mixer, seq_len, width): (best accuracy over LRs, its LR)} for runs at ``steps``/``batch_size``
+    and ``seed``."""
     best = {}
     for r in rows:
-        if not current(r, steps, batch_size):
+        if not current(r, steps, batch_size, seed):
             continue
         key = (r["mixer"], r["seq_len"], r["width"])
         accuracy = r["accuracy"] if math.isfinite(r["accuracy"]) else 0.0
@@ -641,35 +649,63 @@ def best_accuracy(rows, steps, batch_size):
     return best
 
 
-def solved_at(rows, mixer, width, seq_len, steps, batch_size):
-    """The learning rate of a finished run of this point with accuracy >= ``TARGET_ACCURACY``
-    (the best over LRs is then known to within 1 - TARGET_ACCURACY: the other LRs are not run),
-    or None."""
+def solved_at(rows, mixer, width, seq_len, steps, batch_size, seed=0):
+    """The learning rate of a finished run of this point at ``seed`` with accuracy >=
+    ``TARGET_ACCURACY`` (the best over LRs is then known to within 1 - TARGET_ACCURACY: the other
+    LRs are not run), or None."""
     for r in rows:
-        if (current(r, steps, batch_size) and (r["mixer"], r["width"], r["seq_len"]) == (mixer, width, seq_len)
+        if (current(r, steps, batch_size, seed) and (r["mixer"], r["width"], r["seq_len"]) == (mixer, width, seq_len)
                 and r["accuracy"] >= TARGET_ACCURACY):
             return r["learning_rate"]
     return None
 
 
-def finished_points(rows, steps, batch_size):
-    """The (mixer, seq_len, width) points of the default grid whose best accuracy is final: solved
-    (:func:`solved_at`) or run at every LR of ``LEARNING_RATES``."""
+def finished_points(rows, steps, batch_size, seed=0):
+    """The (mixer, seq_len, width) points of the default grid whose best accuracy at ``seed`` is
+    final: solved (:func:`solved_at`) or run at every LR of ``LEARNING_RATES``."""
     finished = set()
     for mixer in MIXERS:
         for width in WIDTHS:
             for seq_len in LENGTHS:
-                ran = {f"{r['learning_rate']:.6g}" for r in rows if current(r, steps, batch_size)
+                ran = {f"{r['learning_rate']:.6g}" for r in rows if current(r, steps, batch_size, seed)
                        and (r["mixer"], r["width"], r["seq_len"]) == (mixer, width, seq_len)}
-                if (solved_at(rows, mixer, width, seq_len, steps, batch_size) is not None
+                if (solved_at(rows, mixer, width, seq_len, steps, batch_size, seed) is not None
                         or ran >= {f"{lr:.6g}" for lr in LEARNING_RATES}):
                     finished.add((mixer, seq_len, width))
     return finished
 
 
-def sweep_progress(rows, steps, batch_size):
-    """(finished points, all points) of the default grid (:func:`finished_points`)."""
-    return len(finished_points(rows, steps, batch_size)), len(MIXERS) * len(WIDTHS) * len(LENGTHS)
+def seed_spread(rows, steps, batch_size):
+    """{(mixer, seq_len, width, learning rate): {seed: accuracy}} of this protocol's runs made at
+    more than one seed (``--seed``), seeds in order."""
+    runs = {}
+    for r in rows:
+        if current(r, steps, batch_size, seed=None):
+            accuracy = r["accuracy"] if math.isfinite(r["accuracy"]) else 0.0
+            runs.setdefault((r["mixer"], r["seq_len"], r["width"], r["learning_rate"]), {})[r["seed"]] = accuracy
+    return {key: dict(sorted(by_seed.items())) for key, by_seed in sorted(runs.items()) if len(by_seed) > 1}
+
+
+def seed_spread_lines(spread, seed):
+    """Markdown: the runs of :func:`seed_spread`, each with its accuracy per seed and the spread."""
+    if not spread:
+        return []
+    lines = [f"Runs repeated at other seeds (`--seed`; the table and checks above use seed {seed}); the spread is "
+             "the largest accuracy minus the smallest:", "",
+             "| mixer | T | d | LR | accuracy by seed | spread |", "|---|---:|---:|---:|---|---:|"]
+    for (mixer, seq_len, width, lr), by_seed in spread.items():
+        cells = ", ".join(f"seed {k}: {v:.3f}" for k, v in by_seed.items())
+        lines.append(f"| {mixer} | {seq_len} | {width} | {lr:.0e} | {cells} | "
+                     f"{max(by_seed.values()) - min(by_seed.values()):.3f} |")
+    widest = max(max(v.values()) - min(v.values()) for v in spread.values())
+    lines += ["", f"Seeds alone move one run's accuracy by up to {widest:.3f}; a difference between two single-seed "
+                  f"cells below that may be noise rather than a trend."]
+    return lines
+
+
+def sweep_progress(rows, steps, batch_size, seed=0):
+    """(finished points, all points) of the default grid at ``seed`` (:func:`finished_points`)."""
+    return len(finished_points(rows, steps, batch_size, seed)), len(MIXERS) * len(WIDTHS) * len(LENGTHS)
 
 
 RECALL_MIXERS = ("based", "deltanet", "gated_deltanet", "kda")  # "close most of the gap" (Zoology, DeltaNet)
@@ -838,11 +874,11 @@ def main(argv=None):
     elif not args.plot:
         done = {row_key(r) for r in read_rows(csv_path) if r["status"] in DONE_STATUSES}
         todo = [(m, w, t, lr) for t in args.lengths for w in args.widths for m in args.mixers for lr in args.lrs
-                if run_key(m, w, t, lr, args.steps, args.batch_size) not in done]
+                if run_key(m, w, t, lr, args.steps, args.batch_size, args.seed) not in done]
         total = len(args.mixers) * len(args.widths) * len(args.lengths) * len(args.lrs)
         log(f"{total - len(todo)} of {total} selected runs already in the CSV; at most {len(todo)} to run")
         for index, (mixer, width, seq_len, lr) in enumerate(todo, 1):
-            solved = solved_at(read_rows(csv_path), mixer, width, seq_len, args.steps, args.batch_size)
+            solved = solved_at(read_rows(csv_path), mixer, width, seq_len, args.steps, args.batch_size, args.seed)
             if solved is not None:
                 log(f"[{index}/{len(todo)}] {mixer} width {width} seq_len {seq_len}: solved at lr {solved:g} "
                     f"(accuracy >= {TARGET_ACCURACY}); lr {lr:g} skipped")
@@ -861,7 +897,7 @@ def main(argv=None):
                 log(f"  ERROR {type(error).__name__}: {error}")
             append_row(csv_path, dict(
                 mixer=mixer, pattern=MIXERS[mixer], layers=LAYERS, mlp=MLP, width=width, seq_len=seq_len,
-                num_kv_pairs=LENGTHS[seq_len], vocab_size=VOCAB_SIZE, learning_rate=f"{lr:.6g}",
+                num_kv_pairs=LENGTHS[seq_len], vocab_size=VOCAB_SIZE, learning_rate=f"{lr:.6g}", seed=args.seed,
                 batch_size=args.batch_size, steps=args.steps, stopped_at=stopped_at, accuracy=f"{accuracy:.4f}",
                 loss=f"{loss:.4f}",
                 seconds=f"{seconds:.1f}", step_ms=f"{step_ms:.1f}", status=status,
@@ -872,14 +908,15 @@ def main(argv=None):
     if args.no_report:
         return 1 if failures else 0
     rows = read_rows(csv_path)
-    best = best_accuracy(rows, args.steps, args.batch_size)
+    best = best_accuracy(rows, args.steps, args.batch_size, args.seed)
     date = datetime.date.today().isoformat()
     table = markdown_table(best) if best else "(no finished runs)"
-    finished, points = sweep_progress(rows, args.steps, args.batch_size)
-    checks = zoology_checks(best, finished_points(rows, args.steps, args.batch_size))
+    finished, points = sweep_progress(rows, args.steps, args.batch_size, args.seed)
+    checks = zoology_checks(best, finished_points(rows, args.steps, args.batch_size, args.seed))
+    spread_lines = seed_spread_lines(seed_spread(rows, args.steps, args.batch_size), args.seed)
     heading = (f"### MQAR (Zoology Figure 2, scaled down): best accuracy over LRs, {LAYERS} mixer-only layers, "
                f"vocab {VOCAB_SIZE}, at most {args.steps} steps x batch {args.batch_size} (stopped at accuracy "
-               f"{TARGET_ACCURACY})")
+               f"{TARGET_ACCURACY})" + (f", seed {args.seed}" if args.seed else ""))
     text = "\n".join([
         heading, "",
         f"`{command}` on {date}, {machine_line(jax)}. Cells: accuracy at the query positions of the 1,000 test "
@@ -889,24 +926,25 @@ def main(argv=None):
         f"{TARGET_ACCURACY}, or all {len(LEARNING_RATES)} LRs ran); it resumes where it stopped.", "", table, "",
         "Zoology's qualitative results, checked on the finished points (differences below "
         f"{SLACK} count as equal):", "", *checks,
-    ])
+    ] + ["", *spread_lines] * bool(spread_lines))
     print(text)
     with open(args.output, "w") as f:
         f.write(text + "\n")
     if best:
         title = (f"MQAR, {LAYERS} mixer-only layers, vocab {VOCAB_SIZE}, <= {args.steps} steps x batch "
-                 f"{args.batch_size}, best LR ({date})")
+                 f"{args.batch_size}, best LR" + (f", seed {args.seed}" if args.seed else "") + f" ({date})")
         if write_plot(best, png_path, title):
             log(f"plot: {png_path}")
 
-    measured = [r for r in rows if current(r, args.steps, args.batch_size)]
+    measured = [r for r in rows if current(r, args.steps, args.batch_size, args.seed)]
     if measured:
         log("\nmeasured runs (seconds, compile + train + evals):")
         for r in measured[-12:]:
             log(f"  {r['mixer']:>16} d={r['width']:<4} T={r['seq_len']:<4} lr={r['learning_rate']:<7g} "
                 f"{r['stopped_at']} of {r['steps']} steps: {r['seconds']:.1f} s")
     for steps in dict.fromkeys([args.steps, STEPS]):
-        total, n_measured, n_estimated, remaining = projected_sweep_seconds(rows, steps, args.batch_size)
+        total, n_measured, n_estimated, remaining = projected_sweep_seconds(rows, steps, args.batch_size,
+                                                                            seed=args.seed)
         log(f"projected full sweep ({len(MIXERS)} mixers x {len(WIDTHS)} widths x {len(LENGTHS)} lengths x "
             f"{len(LEARNING_RATES)} LRs, at most {steps} steps x batch {args.batch_size}): {fmt_duration(total)}, "
             f"{fmt_duration(remaining)} of it still to run ({n_measured} runs measured, at most {n_estimated} "

@@ -66,9 +66,9 @@ def test_models_build_as_configured(mqar):
             assert "BaseConv" not in kinds, (mixer, kinds)
 
 
-def _row(mqar, mixer, lr, accuracy, *, width=64, seq_len=64, steps=1000, mlp=None, pattern=None):
+def _row(mqar, mixer, lr, accuracy, *, width=64, seq_len=64, steps=1000, mlp=None, pattern=None, seed=0):
     return dict(mixer=mixer, pattern=pattern or mqar.MIXERS[mixer], layers=2, mlp=mlp or mqar.MLP, width=width,
-                seq_len=seq_len, num_kv_pairs=mqar.LENGTHS[seq_len], vocab_size=512, learning_rate=f"{lr:.6g}",
+                seq_len=seq_len, num_kv_pairs=mqar.LENGTHS[seq_len], vocab_size=512, learning_rate=f"{lr:.6g}", seed=seed,
                 batch_size=64, steps=steps, stopped_at=steps, accuracy=f"{accuracy:.4f}", loss="1.0", seconds="10.0",
                 step_ms="5.0", status="ok", date="2026-12-06T00:00:00")
 
@@ -112,7 +112,7 @@ def test_learning_rates_run_in_order_and_a_solved_point_skips_the_rest(mqar, tmp
 
 def test_an_older_csv_is_migrated_and_its_rows_stay_out_of_the_table(mqar, tmp_path):
     path = tmp_path / "mqar.csv"
-    old_columns = [c for c in mqar.COLUMNS if c not in ("mlp", "stopped_at")]
+    old_columns = [c for c in mqar.COLUMNS if c not in ("mlp", "stopped_at", "seed")]
     old = _row(mqar, "based", 3e-3, 0.238, pattern="based")
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=old_columns)
@@ -181,7 +181,8 @@ def test_workers_train_each_pending_point_once_with_the_sweep_settings(mqar, tmp
     path = tmp_path / "mqar.csv"
     for mixer, lr, accuracy in [("deltanet", 3e-3, 0.995), ("gla", 3e-3, 0.4), ("gla", 1e-2, 0.6), ("gla", 3e-2, 0.2),
                                 ("based", 3e-3, 0.9)]:
-        mqar.append_row(str(path), _row(mqar, mixer, lr, accuracy))
+        mqar.append_row(str(path), _row(mqar, mixer, lr, accuracy, seed=3))
+    mqar.append_row(str(path), _row(mqar, "based", 1e-2, 0.995))  # seed 0: solves nothing at seed 3
     jobs = []
 
     def fake_run_in_workers(job_list, workers, log, cpus=None, poll_seconds=0.5):
@@ -236,3 +237,46 @@ def test_run_in_workers_runs_each_job_once_pinned_and_at_most_n_at_once(mqar, tm
     assert set().union(*slots) == set(cpus)
     assert mqar.cpu_slots(3, [0, 1]) == [{0}, {1}, {0}]
     assert mqar.cpu_slots(2, [0, 1, 2, 3]) == [{0, 2}, {1, 3}]
+
+
+def test_runs_at_other_seeds_are_kept_apart_and_their_spread_reported(mqar, tmp_path, monkeypatch):
+    """A CSV from before the seed column reads as seed 0; runs at ``--seed 1`` neither count as
+    done nor enter the seed-0 table, and the report lists each repeated run's accuracy per seed."""
+    path = tmp_path / "mqar.csv"
+    columns = [c for c in mqar.COLUMNS if c != "seed"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for lr, accuracy in [(3e-3, 0.16), (1e-2, 0.53), (3e-2, 0.2)]:
+            row = _row(mqar, "linear_attention", lr, accuracy)
+            writer.writerow({key: row[key] for key in columns})
+    assert [r["seed"] for r in mqar.read_rows(str(path))] == [0, 0, 0]
+    runs = []
+    accuracy = {(3e-3, 1): 0.17, (1e-2, 1): 0.21, (3e-2, 1): 0.25}
+
+    def fake_train_one(config):
+        runs.append((config.optimizer.learning_rate, config.seed))
+        return accuracy[runs[-1]], 0.5, "ok", 12.0, 3.0, 1000
+
+    monkeypatch.setattr(mqar, "train_one", fake_train_one)
+    monkeypatch.setattr(mqar, "prepare_dataset", lambda seq_len, data_dir: None)
+    monkeypatch.setattr(mqar, "write_plot", lambda best, path, title: False)
+    output = tmp_path / "mqar.md"
+    argv = ["--mixers", "linear_attention", "--widths", "64", "--lengths", "64", "--output", str(output)]
+    assert mqar.main(argv) == 0 and runs == []  # seed 0 is done
+    assert mqar.main([*argv, "--seed", "1"]) == 0
+    assert runs == [(3e-3, 1), (1e-2, 1), (3e-2, 1)]
+    with open(path, newline="") as f:
+        assert next(csv.reader(f)) == mqar.COLUMNS  # migrated when the first seed-1 row was appended
+    rows = mqar.read_rows(str(path))
+    assert [r["seed"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    assert mqar.best_accuracy(rows, 1000, 64) == {("linear_attention", 64, 64): (0.53, 1e-2)}
+    assert mqar.best_accuracy(rows, 1000, 64, seed=1) == {("linear_attention", 64, 64): (0.25, 3e-2)}
+    text = output.read_text()
+    assert "seed 1" in text.splitlines()[0] and "| linear_attention | 0.250 (3e-02) |" in text
+    spread = mqar.seed_spread(rows, 1000, 64)
+    assert spread[("linear_attention", 64, 64, 1e-2)] == {0: 0.53, 1: 0.21} and len(spread) == 3
+    assert "| linear_attention | 64 | 64 | 1e-02 | seed 0: 0.530, seed 1: 0.210 | 0.320 |" in text
+    assert "up to 0.320" in text
+    mqar.main([*argv, "--plot"])
+    assert "| linear_attention | 0.530 (1e-02) |" in output.read_text() and "seed 1" not in output.read_text().splitlines()[0]
