@@ -713,11 +713,17 @@ OTHER_SUBQUADRATIC = ("linear_attention", "retnet", "gla", "mamba", "mamba2")
 SLACK = 0.02  # accuracy differences below this count as equal in the shape checks
 
 
-def zoology_checks(best, finished):
+def zoology_checks(best, finished, spread=None):
     """Markdown lines: each qualitative result of Zoology's Figure 2 (as the issue lists them),
     checked on the finished points only, with the numbers and a verdict (agrees / disagrees / not
-    measured yet). ``best``: :func:`best_accuracy`; ``finished``: :func:`finished_points`."""
+    measured yet). ``best``: :func:`best_accuracy`; ``finished``: :func:`finished_points`;
+    ``spread``: :func:`seed_spread`. A width or length trend broken only by steps no larger than
+    the seed spread measured at one of the step's two points is "disagrees, within seed noise"."""
     final = {key: value[0] for key, value in best.items() if key in finished}
+    noise = {}  # (mixer, seq_len, width) -> the largest seed spread of its runs
+    for (mixer, seq_len, width, _), by_seed in (spread or {}).items():
+        key = (mixer, seq_len, width)
+        noise[key] = max(noise.get(key, 0.0), max(by_seed.values()) - min(by_seed.values()))
     points = sorted({(t, w) for (_, t, w) in final})
     lines = []
 
@@ -732,28 +738,52 @@ def zoology_checks(best, finished):
                  f"{verdict(all(a >= TARGET_ACCURACY for a in attention.values()), attention)}"
                  + (f" ({cells('attention')})" if attention else ""))
 
-    rising, falling, pairs_w, pairs_t = [], [], 0, 0
+    def broken(curve, sign):
+        """(``curve``'s accuracies ``a -> b -> ...``, the largest seed spread at the ends of a step
+        against the trend (0.0 if none measured), whether every such step is within it) or None
+        when no step goes against the trend ``sign`` (+1: should not fall, -1: should not rise)."""
+        series = [final[p] for p in curve]
+        against = [(p, q) for p, q in zip(curve, curve[1:], strict=False)
+                   if sign * (final[q] - final[p]) < -SLACK]
+        if not against:
+            return None
+        spreads = [max(noise.get(p, 0.0), noise.get(q, 0.0)) for p, q in against]
+        within = all(abs(final[q] - final[p]) <= spread for (p, q), spread in zip(against, spreads, strict=True))
+        return " -> ".join(f"{a:.3f}" for a in series), max(spreads), within
+
+    def trend_verdict(items, measured):
+        if not measured:
+            return "not measured yet"
+        if not items:
+            return "**agrees**"
+        return "**disagrees, within seed noise**" if all(within for *_, within in items) else "**disagrees**"
+
+    def describe(items):
+        return "; ".join(f"{label}: {series}" + (f" (seeds spread up to {spread:.3f} at these points)" if spread else "")
+                         for label, series, spread, _ in items)
+
+    against_width, against_length, pairs_w, pairs_t = [], [], 0, 0
     for mixer in MIXERS:
         if mixer in ("attention", "hybrid"):
             continue
         for t in LENGTHS:
-            series = [final[(mixer, t, w)] for w in WIDTHS if (mixer, t, w) in final]
-            if len(series) >= 2:
+            curve = [(mixer, t, w) for w in WIDTHS if (mixer, t, w) in final]
+            if len(curve) >= 2:
                 pairs_w += 1
-                if any(b < a - SLACK for a, b in zip(series, series[1:], strict=False)):
-                    rising.append(f"{mixer} at T={t}: " + " -> ".join(f"{a:.3f}" for a in series))
+                if (found := broken(curve, +1)) is not None:
+                    against_width.append((f"{mixer} at T={t}", *found))
         for w in WIDTHS:
-            series = [final[(mixer, t, w)] for t in LENGTHS if (mixer, t, w) in final]
-            if len(series) >= 2:
+            curve = [(mixer, t, w) for t in LENGTHS if (mixer, t, w) in final]
+            if len(curve) >= 2:
                 pairs_t += 1
-                if any(b > a + SLACK for a, b in zip(series, series[1:], strict=False)):
-                    falling.append(f"{mixer} at d={w}: " + " -> ".join(f"{a:.3f}" for a in series))
+                if (found := broken(curve, -1)) is not None:
+                    against_length.append((f"{mixer} at d={w}", *found))
     lines.append(f"- Sub-quadratic mixers do no worse with more width (the curves rise to the right): "
-                 f"{verdict(not rising, pairs_w)} ({pairs_w} (mixer, length) curves with 2+ widths"
-                 + (f"; falling: {'; '.join(rising)}" if rising else "") + ")")
-    lines.append(f"- ... and no better with longer sequences and more pairs: {verdict(not falling, pairs_t)} "
-                 f"({pairs_t} (mixer, width) series with 2+ lengths" + (f"; rising: {'; '.join(falling)}" if falling
-                                                                        else "") + ")")
+                 f"{trend_verdict(against_width, pairs_w)} ({pairs_w} (mixer, length) curves with 2+ widths"
+                 + (f"; falling: {describe(against_width)}" if against_width else "") + ")")
+    lines.append(f"- ... and no better with longer sequences and more pairs: {trend_verdict(against_length, pairs_t)} "
+                 f"({pairs_t} (mixer, width) series with 2+ lengths"
+                 + (f"; rising: {describe(against_length)}" if against_length else "") + ")")
 
     gaps = []
     for t, w in points:
@@ -912,8 +942,9 @@ def main(argv=None):
     date = datetime.date.today().isoformat()
     table = markdown_table(best) if best else "(no finished runs)"
     finished, points = sweep_progress(rows, args.steps, args.batch_size, args.seed)
-    checks = zoology_checks(best, finished_points(rows, args.steps, args.batch_size, args.seed))
-    spread_lines = seed_spread_lines(seed_spread(rows, args.steps, args.batch_size), args.seed)
+    spread = seed_spread(rows, args.steps, args.batch_size)
+    checks = zoology_checks(best, finished_points(rows, args.steps, args.batch_size, args.seed), spread)
+    spread_lines = seed_spread_lines(spread, args.seed)
     heading = (f"### MQAR (Zoology Figure 2, scaled down): best accuracy over LRs, {LAYERS} mixer-only layers, "
                f"vocab {VOCAB_SIZE}, at most {args.steps} steps x batch {args.batch_size} (stopped at accuracy "
                f"{TARGET_ACCURACY})" + (f", seed {args.seed}" if args.seed else ""))

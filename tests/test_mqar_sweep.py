@@ -170,6 +170,19 @@ def test_zoology_checks_agree_and_disagree_with_the_numbers(mqar):
     assert "gla at T=64: 0.500 -> 0.400" in lines[1] and "gla at d=64: 0.500 -> 0.600" in lines[2]
     assert "T=64 d=64: hybrid 0.500, attention 0.999" in lines[5]
 
+    # a broken trend whose steps the seeds alone can explain is told apart from one they cannot
+    best, finished = grid(paper_like)
+    best[("gla", 64, 128)] = (0.1, 3e-3)  # 0.3 -> 0.1 with width at T=64; 0.1 -> 0.3 with length at d=128
+    spread = {("gla", 64, 128, 3e-3): {0: 0.1, 1: 0.35}}
+    lines = mqar.zoology_checks(best, finished, spread)
+    for line in lines[1:3]:
+        assert "**disagrees, within seed noise**" in line and "(seeds spread up to 0.250 at these points)" in line
+    assert "falling: gla at T=64: 0.300 -> 0.100 (" in lines[1] and "rising: gla at d=128: 0.100 -> 0.300 (" in lines[2]
+    lines = mqar.zoology_checks(best, finished, {("gla", 64, 128, 3e-3): {0: 0.1, 1: 0.2}})
+    assert all("**disagrees** (" in line and "spread up to 0.100" in line for line in lines[1:3])
+    assert all("**disagrees** (" in line for line in mqar.zoology_checks(best, finished)[1:3])
+    assert all("**agrees**" in line for line in mqar.zoology_checks(best, finished, spread)[3:])
+
     # unfinished points are left out: nothing finished, nothing judged
     best, _ = grid(unlike)
     assert all("not measured yet" in line for line in mqar.zoology_checks(best, set()))
