@@ -120,6 +120,20 @@ each checked by changing only it:
   store and read the pairs by itself, reached only 0.098 in 1,000 steps: the circuit is found far
   sooner with two layers.)
 
+Linear attention's fall with width at length 64 (0.526 at width 64, 0.384 at width 128, seed 0:
+the one check of the first 22 points that disagreed with Zoology) is seed noise. The same runs at
+seeds 1 and 2 (``--seed``; each run's accuracy per seed is in ``mqar.md``), LR 1e-2 / 3e-3:
+
+* width 64: seed 0 0.527 / 0.161, seed 1 0.207 / 0.173, seed 2 0.883 / 0.185;
+* width 128: seed 0 0.202 / 0.384, seed 1 0.202 / 0.574, seed 2 0.951 / 0.790.
+
+Best over the LRs, seed 1 rises with width (0.207 -> 0.574) and seed 2 too (0.883 -> 0.951). At
+this budget an unsolved point is a race between the retrieval circuit forming and the 1,000 steps
+running out, and a seed moves one run's accuracy by up to 0.7: differences between single-seed
+cells below 0.99 are weak evidence, and the checks say "within seed noise" where the seed spread
+measured at a point covers them. Zoology's 64 epochs (about 12,500 steps at batch 512) leave no
+such race; this sweep runs 1/100 of that.
+
 Cost: the CSV has every run's seconds (data, compile, training, evals) and ms per step. At width
 64, length 64 a step of the attention, sliding-window, linear-attention or GLA model takes 50-100 ms
 here when the CPU is otherwise idle (the CSV's slower steps were measured beside other jobs), a
@@ -128,9 +142,11 @@ with width, every mixer's work with length), so a run at width 256, length 256 c
 times as much. After each invocation the script prints the projected time of the whole sweep and
 of what is still to run (:func:`projected_sweep_seconds`: measured runs count as measured, other
 runs at full length, scaled from the same mixer's runs); on 2026-12-06, from the first 39 runs (all
-at length 64), that was at most 51.5 hours for the sweep, 49.4 of them still to run: far beyond one
-session on this CPU, so the sweep runs in parts and resumes where it stopped (cheapest points
-first: ``--lengths 64`` before 128 and 256).
+at length 64), that was at most 51.5 hours for the sweep, 49.4 of them still to run; from the
+first 53 (Mamba's among them, at 0.6-1.2 s a step at width 64: its selective scan's backward pass
+is ~14 times its forward on XLA:CPU), at most 84 hours, 80 still to run, an overestimate where runs
+were timed beside other jobs. Far beyond one session on this CPU, so the sweep runs in parts and
+resumes where it stopped (cheapest points first: ``--lengths 64`` before 128 and 256).
 
 ``--workers N`` trains N points at once, each point (its LRs in order) in a child process of this
 script pinned to its share of the CPUs (``os.sched_setaffinity``, round robin), the children
