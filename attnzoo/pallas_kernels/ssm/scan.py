@@ -160,8 +160,9 @@ def _chunked(u, steps, A, B, C, restart, source, init, groups, chunk, ends, sequ
 
     ``packed=False`` (neither ``cu_seqlens`` nor ``segment_ids``: one sequence per batch row, from
     token 0) starts the scan from ``init`` with no per-token resets, and the final state is the
-    last carry (padding tokens leave it unchanged). Forward + backward is then faster on XLA:CPU
-    (N=16, chunk 64; 2026-12-06): 1.46x at B=64, T=64, D=128; 1.40x at B=64, T=128, D=256; 1.66x at
+    last carry (padding tokens leave it unchanged). Forward + backward (``jax.grad`` w.r.t. u,
+    delta, A, B, C) is then faster on XLA:CPU than the same call with all-zero ``segment_ids`` (the
+    packed path, which these inputs took before; N=16, chunk 64, 2026-12-06): 1.46x at B=64, T=64, D=128; 1.40x at B=64, T=128, D=256; 1.66x at
     B=8, T=512, D=512; 1.11x at B=1, T=4096, D=256. The decay and input are formed with ``einsum``
     as in :func:`_pairs`: as broadcast products the backward was 2.3x slower."""
     batch, length = u.shape[:2]
