@@ -129,7 +129,7 @@ seeds 1 and 2 (``--seed``; each run's accuracy per seed is in ``mqar.md``), LR 1
 
 Best over the LRs, seed 1 rises with width (0.207 -> 0.574) and seed 2 too (0.883 -> 0.951). At
 this budget an unsolved point is a race between the retrieval circuit forming and the 1,000 steps
-running out, and a seed moves one run's accuracy by up to 0.7: differences between single-seed
+running out, and a seed moves one run's accuracy by up to 0.75: differences between single-seed
 cells below 0.99 are weak evidence, and the checks say "within seed noise" where the seed spread
 measured at a point covers them. Zoology's 64 epochs (about 12,500 steps at batch 512) leave no
 such race; this sweep runs 1/100 of that.
