@@ -703,6 +703,11 @@ def seed_spread(rows, steps, batch_size):
     return {key: dict(sorted(by_seed.items())) for key, by_seed in sorted(runs.items()) if len(by_seed) > 1}
 
 
+def accuracy_range(by_seed):
+    """The largest accuracy of ``{seed: accuracy}`` minus the smallest."""
+    return max(by_seed.values()) - min(by_seed.values())
+
+
 def seed_spread_lines(spread, seed):
     """Markdown: the runs of :func:`seed_spread`, each with its accuracy per seed and the spread."""
     if not spread:
@@ -713,8 +718,8 @@ def seed_spread_lines(spread, seed):
     for (mixer, seq_len, width, lr), by_seed in spread.items():
         cells = ", ".join(f"seed {k}: {v:.3f}" for k, v in by_seed.items())
         lines.append(f"| {mixer} | {seq_len} | {width} | {lr:.0e} | {cells} | "
-                     f"{max(by_seed.values()) - min(by_seed.values()):.3f} |")
-    widest = max(max(v.values()) - min(v.values()) for v in spread.values())
+                     f"{accuracy_range(by_seed):.3f} |")
+    widest = max(accuracy_range(by_seed) for by_seed in spread.values())
     lines += ["", f"Seeds alone move one run's accuracy by up to {widest:.3f}; a difference between two single-seed "
                   f"cells below that may be noise rather than a trend."]
     return lines
@@ -740,7 +745,7 @@ def zoology_checks(best, finished, spread=None):
     noise = {}  # (mixer, seq_len, width) -> the largest seed spread of its runs
     for (mixer, seq_len, width, _), by_seed in (spread or {}).items():
         key = (mixer, seq_len, width)
-        noise[key] = max(noise.get(key, 0.0), max(by_seed.values()) - min(by_seed.values()))
+        noise[key] = max(noise.get(key, 0.0), accuracy_range(by_seed))
     points = sorted({(t, w) for (_, t, w) in final})
     lines = []
 
