@@ -31,9 +31,10 @@ Method
     the **whole output** ``o`` is compared at every T. Its gradient keeps a state per token
     (about 0.5 GiB per 1024 tokens at B=1, H=4, K=V=64 in float64), so the gradients of every
     input (dq, dk, dv, dg, dbeta) are compared only for T <= ``--grad-check-max-t`` (default
-    2048). Above it only ``o`` is checked: the ``xla`` path's backward is JAX autodiff of the same
-    chunked forward (the code does not change with T, only the number of chunks), so a full-length
-    forward check plus full gradient checks at the smaller lengths cover it.
+    2048). Above it only ``o`` is checked: the ``xla`` path's backward (JAX autodiff of the chunked
+    forward, or for ``selective_scan`` a written-out backward walking the same chunks in reverse)
+    does not change with T, only the number of chunks, so a full-length forward check plus full
+    gradient checks at the smaller lengths cover it.
   - Attention: for T <= ``--grad-check-max-t`` against ``pk.attention(..., impl="reference")`` in
     float64 (materialised scores), output and dq/dk/dv; above it the output on
     ``--check-samples`` sampled query rows (both ends, the middle and random ones) against a
@@ -110,8 +111,11 @@ RECURRENT_OPS = {
     # transformers' Mamba-2 chunked scan in PyTorch (mamba2_chunk_scan, what its Mamba2Mixer runs
     # on CPU), on the same inputs as ssd: needs torch and transformers (e.g. .venv-parity).
     "ssd_torch": ("ssd", False),
+    # selective_scan with cu_seqlens = [0, T] (B = 1): the same sums through the cu_seqlens path (resets
+    # folded into every token, backward by autodiff of the rematerialised loop).
+    "selective_scan_cu_seqlens": ("selective_scan", False),
 }
-OPTIONAL_OPS = ("ssd_torch",)  # run only when asked for with --ops
+OPTIONAL_OPS = ("ssd_torch", "selective_scan_cu_seqlens")  # run only when asked for with --ops
 SSD_STATE_GROUPS = 1  # B, C [B, T, G, N] shared by all heads, as Mamba-2's default ngroups
 SCAN_STATE_DIM = 16  # selective_scan's N (Mamba-1's d_state)
 BASELINE = "attention"
@@ -178,6 +182,8 @@ def op_arguments(op, inputs):
 
 
 def forward_fn(op, impl, chunk_size):
+    import jax.numpy as jnp
+
     from attnzoo import pallas_kernels as pk
 
     if op == BASELINE:
@@ -186,6 +192,8 @@ def forward_fn(op, impl, chunk_size):
         op = "ssd"  # its oracle is pk.ssd's reference
     if op == "selective_scan":
         return lambda *xs: pk.selective_scan(*xs, impl=impl)[0]
+    if op == "selective_scan_cu_seqlens":
+        return lambda *xs: pk.selective_scan(*xs, cu_seqlens=jnp.asarray([0, xs[0].shape[1]], jnp.int32), impl=impl)[0]
     fn = getattr(pk, op)
     return lambda *xs: fn(*xs, chunk_size=chunk_size, impl=impl)[0]
 
@@ -419,7 +427,7 @@ def benchmark_length(length, ops, args, log):
             log(f"T={length} {op}: {entry['time_ms']:.1f} ms (runs: {', '.join(f'{t * 1e3:.1f}' for t in entry['times'])})")
     if args.rss and (not args.smoke or length == args.lengths[-1]):
         for op, entry in results.items():
-            if entry["status"] == "ok" and op not in OPTIONAL_OPS and (not args.smoke or op in SMOKE_RSS_OPS):
+            if entry["status"] == "ok" and op != "ssd_torch" and (not args.smoke or op in SMOKE_RSS_OPS):
                 entry["rss_bytes"] = measure_rss(op, length, args)
     return results
 
@@ -517,8 +525,19 @@ def torch_ssd_lines(all_results):
     return lines
 
 
+def packed_scan_lines(all_results):
+    """Per T: ``selective_scan`` against the same call through its ``cu_seqlens`` path, when both ran."""
+    lines = []
+    for length, results in all_results.items():
+        plain, packed = results.get("selective_scan", {}), results.get("selective_scan_cu_seqlens", {})
+        if "time_ms" in plain and "time_ms" in packed:
+            lines.append(f"T={length}: selective_scan {plain['time_ms']:,.1f} ms, with cu_seqlens [0, T] (autodiff "
+                         f"backward) {packed['time_ms']:,.1f} ms: {packed['time_ms'] / plain['time_ms']:.2f}x its time")
+    return lines
+
+
 def target_lines(all_results):
-    lines = torch_ssd_lines(all_results)
+    lines = torch_ssd_lines(all_results) + packed_scan_lines(all_results)
     op = TARGET_OP
     if not any(op in r for r in all_results.values()):
         return lines
@@ -599,7 +618,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=64, help="chunk_size of the recurrent ops' xla engine")
     p.add_argument("--ops", type=lambda s: s.split(","), default=[op for op in RECURRENT_OPS if op not in OPTIONAL_OPS],
                    help=f"comma-separated subset of {','.join(RECURRENT_OPS)} (default: all but "
-                        f"{','.join(OPTIONAL_OPS)}, which needs torch + transformers); attention always runs")
+                        f"{','.join(OPTIONAL_OPS)}; ssd_torch needs torch + transformers); attention always runs")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed calls per op (after a warm-up), fewer (not below 3) where that would "
                         "exceed --time-budget")
@@ -628,6 +647,8 @@ def parse_args(argv=None):
         p.error(f"unknown --ops {sorted(unknown)}; choose from {tuple(RECURRENT_OPS)}")
     if args.lengths != sorted(set(args.lengths)):
         p.error("--lengths must be increasing")
+    if "selective_scan_cu_seqlens" in args.ops and args.batch != 1:
+        p.error(f"--ops selective_scan_cu_seqlens packs one sequence per call: it needs --batch 1, got {args.batch}")
     return args
 
 
@@ -661,7 +682,8 @@ def main(argv=None):
         *tables(all_results, ops),
         "Time: `jax.jit(jax.grad(sum(out * ct)))` w.r.t. every input (q, k, v, g, beta; ssd: x, dt, A, B, C "
         f"with G={SSD_STATE_GROUPS}, N=K; selective_scan: u, delta, A, B, C with D=H*V, N={SCAN_STATE_DIM}), the "
-        "`xla` path (ssd_torch: transformers' `mamba2_chunk_scan`, torch autograd, same chunk size). Speed-up: "
+        "`xla` path (ssd_torch: transformers' `mamba2_chunk_scan`, torch autograd, same chunk size; "
+        "selective_scan_cu_seqlens: selective_scan with `cu_seqlens=[0, T]`). Speed-up: "
         "attention's time / the op's time (> 1: faster than causal softmax attention). XLA MiB: "
         "`compiled.memory_analysis()` temp + argument + output (temp is a lower bound on CPU). Peak RSS "
         "MiB: peak resident-set increase of one call in a fresh process (compile excluded). max rel err: "

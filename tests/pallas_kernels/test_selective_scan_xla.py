@@ -150,6 +150,19 @@ def test_segment_ids_restart_the_state():
         assert_close(last, ref_last, "last", dtype=jnp.float64)
 
 
+def test_gradients_with_segment_ids():
+    """Restarts at a chunk boundary (16), inside chunks and at the last token; every input's
+    gradient, the final state's cotangent included, against the token-by-token reference."""
+    with float64():
+        arrays = make(8, 3, 50, 6, 4, 2)
+        ids = np.zeros((3, 50), np.int32)
+        ids[0, 16:], ids[0, 37:], ids[1, 9:], ids[2, 49:] = 1, 2, 5, 3
+        args = [arrays[n] for n in NAMES]
+        assert_grads_close(_positional("xla", chunk_size=16, segment_ids=jnp.asarray(ids)),
+                           _positional("reference", segment_ids=jnp.asarray(ids)), args,
+                           argnums=range(len(args)), dtype=jnp.float64, names=NAMES)
+
+
 def test_steps_equal_the_scan():
     with float64():
         arrays = make(8, 2, 19, 6, 4, 3)

@@ -13,11 +13,14 @@ Layouts (sequence-first): ``u, delta, z [B, T, D]``, ``A [D, N]``, ``B, C [B, T,
 * ``reference``: the token-by-token ``lax.scan``, the float64 oracle.
 * ``xla``: chunks of ``chunk_size`` tokens; a ``lax.scan`` over chunks carries the state, and each
   chunk is a token-by-token ``lax.scan`` that forms each token's decay and input ``[B, D, N]`` and
-  its readout on the fly, rematerialised in the backward pass (``jax.checkpoint``), so memory is
+  its readout on the fly, recomputed chunk by chunk in the backward pass, so memory is
   ``O(T / chunk * D * N + chunk * D * N)`` rather than ``O(T * D * N)``, and no ``[B, T, D, N]``
-  tensor is formed in the forward pass. (A ``lax.associative_scan`` per chunk was 20x slower
-  forward and 4.7x slower forward + backward on XLA:CPU at B=64, T=64, D=128, N=16: its log-depth
-  passes stream ``[B, chunk, D, N]`` tensors through memory where the sequential scan stays in cache.)
+  tensor is formed in the forward pass. Without ``cu_seqlens`` (``segment_ids`` or none) the
+  backward pass is written out (:func:`_segment_scan_bwd`); with ``cu_seqlens`` the chunks are
+  rematerialised (``jax.checkpoint``) and differentiated by JAX.
+  (A ``lax.associative_scan`` per chunk was 20x slower forward and 4.7x slower forward + backward
+  on XLA:CPU at B=64, T=64, D=128, N=16: its log-depth passes stream ``[B, chunk, D, N]`` tensors
+  through memory where the sequential scan stays in cache.)
 * ``pallas``: fused Pallas kernels, forward and backward (:mod:`.scan_pallas`; Mosaic on TPU,
   Triton on GPU, the interpreter on CPU): the channels tiled by ``block_sizes``
   (:class:`.scan_pallas.ScanBlockSizes`), the time axis walked in chunks of ``chunk_size`` tokens
@@ -143,32 +146,143 @@ def _reference(u, steps, A, B, C, restart, source, init, groups):
     return _readout(states, C, groups), states
 
 
-def _combine(left, right):
-    a_left, b_left = left
-    a_right, b_right = right
-    return a_left * a_right, a_right * b_left + b_right
+def _token_decay(steps_t, rates, carry_t):
+    """``exp(delta'_t[d] A[d, n])``, zero where the state restarts: ``[B, G, Dg]`` x ``[G, Dg, N]``,
+    ``carry_t [B]`` (1: the state carries over, 0: it restarts from zero) -> ``[B, G, Dg, N]``."""
+    return jnp.exp(steps_t[..., None] * rates) * carry_t[:, None, None, None]
+
+
+def _token_input(u_t, steps_t, b_t):
+    """``delta'_t[d] u_t[d] B_t[n]``: ``[B, G, Dg]``, ``[B, G, N]`` -> ``[B, G, Dg, N]``."""
+    return (steps_t * u_t)[..., None] * b_t[:, :, None, :]
+
+
+def _states_before(h, u, steps, B, carry, rates):
+    """The state before each token of one chunk (time-major ``u, steps [L, B, G, Dg]``,
+    ``B [L, B, G, N]``, ``carry [L, B]``) from ``h [B, G, Dg, N]``: ``[L, B, G, Dg, N]``."""
+
+    def token(h, inputs):
+        u_t, steps_t, b_t, carry_t = inputs
+        return _token_decay(steps_t, rates, carry_t) * h + _token_input(u_t, steps_t, b_t), h
+
+    return jax.lax.scan(token, h, (u, steps, B, carry))[1]
+
+
+def _segment_forward(u, steps, B, C, carry, rates, init):
+    """``(y [K, L, B, G, Dg], last state, chunk starts [K, B, G, Dg, N])`` for chunk-major inputs
+    ``[K chunks, L tokens, B, ...]``; only one state per chunk is kept."""
+
+    def token(h, inputs):
+        u_t, steps_t, b_t, c_t, carry_t = inputs
+        h = _token_decay(steps_t, rates, carry_t) * h + _token_input(u_t, steps_t, b_t)
+        return h, jnp.einsum("bgcn,bgn->bgc", h, c_t)
+
+    def chunk(h, inputs):
+        last, y = jax.lax.scan(token, h, inputs)
+        return last, (y, h)
+
+    last, (y, starts) = jax.lax.scan(chunk, init, (u, steps, B, C, carry))
+    return y, last, starts
+
+
+@jax.custom_vjp
+def _segment_scan(u, steps, B, C, carry, rates, init):
+    """The recurrence from ``init [B, G, Dg, N]``, restarting from zero where ``carry`` is 0, on
+    chunk-major inputs (see :func:`_segment_forward`): ``(y [K, L, B, G, Dg], last state)``, with
+    the backward pass written out (:func:`_segment_scan_bwd`)."""
+    y, last, _ = _segment_forward(u, steps, B, C, carry, rates, init)
+    return y, last
+
+
+def _segment_scan_fwd(u, steps, B, C, carry, rates, init):
+    y, last, starts = _segment_forward(u, steps, B, C, carry, rates, init)
+    return (y, last), (u, steps, B, C, carry, rates, starts)
+
+
+def _segment_scan_bwd(residuals, cotangents):
+    """Chunks in reverse: recompute the chunk's states from its start, then walk its tokens back.
+
+    With ``a_t`` the decay (0 at a restart) and ``g_t = dL/dh_t = dy_t C_t + a_{t+1} g_{t+1}``::
+
+        dC_t[n] = sum_d dy_t[d] h_t[d, n]          dB_t[n] = sum_d g_t[d, n] delta'_t[d] u_t[d]
+        w_t[d, n] = g_t[d, n] a_t[d, n] h_{t-1}[d, n]        (dL/d log a_t)
+        du_t[d] = delta'_t[d] sum_n g_t[d, n] B_t[n]
+        d delta'_t[d] = u_t[d] sum_n g_t[d, n] B_t[n] + sum_n w_t[d, n] A[d, n]
+        dA[d, n] = sum_{b, t} w_t[d, n] delta'_t[d];      d init = a_0 g_0
+
+    The states of a chunk are recomputed once, before the reverse walk (the state before each
+    token; ``h_t`` is formed again from it). Every contraction keeps its ``[B, G, Dg, N]``
+    operands in that order, the layout XLA:CPU runs without copies (``sum_n w A`` is taken against
+    ``A`` broadcast: against the ``[G, Dg, N]`` operand itself XLA transposed ``w`` every token)."""
+    u, steps, B, C, carry, rates, starts = residuals
+    dy, d_last = cotangents
+
+    def chunk(grad_carry, inputs):
+        u_c, steps_c, b_c, c_c, carry_c, dy_c, h0 = inputs
+
+        def token(grad_carry, inputs):
+            g, d_rates = grad_carry
+            u_t, steps_t, b_t, c_t, carry_t, dy_t, h_prev = inputs
+            decay = _token_decay(steps_t, rates, carry_t)
+            h_t = decay * h_prev + _token_input(u_t, steps_t, b_t)
+            g = g + dy_t[..., None] * c_t[:, :, None, :]
+            w = g * decay * h_prev
+            g_b = jnp.einsum("bgcn,bgn->bgc", g, b_t)
+            du = g_b * steps_t
+            d_steps = g_b * u_t + jnp.einsum("bgcn,bgcn->bgc", w, jnp.broadcast_to(rates, w.shape))
+            d_b = jnp.einsum("bgc,bgcn->bgn", steps_t * u_t, g)
+            d_c = jnp.einsum("bgc,bgcn->bgn", dy_t, h_t)
+            return (g * decay, d_rates + jnp.einsum("bgcn,bgc->gcn", w, steps_t)), (du, d_steps, d_b, d_c)
+
+        states = _states_before(h0, u_c, steps_c, b_c, carry_c, rates)
+        return jax.lax.scan(token, grad_carry, (u_c, steps_c, b_c, c_c, carry_c, dy_c, states), reverse=True)
+
+    (d_init, d_rates), (du, d_steps, d_b, d_c) = jax.lax.scan(
+        chunk, (d_last, jnp.zeros_like(rates)), (u, steps, B, C, carry, dy, starts), reverse=True
+    )
+    return du, d_steps, d_b, d_c, jnp.zeros_like(carry), d_rates, d_init
+
+
+_segment_scan.defvjp(_segment_scan_fwd, _segment_scan_bwd)
 
 
 def _chunked(u, steps, A, B, C, restart, source, init, groups, chunk, ends, sequence, sequences, need_finals,
-             packed=True):
+             cu_packed=True):
     """Chunked scan; returns ``(y [B,T,D], finals [N_seq,G,Dg,N])`` with the state at each
     sequence's last token (``ends``, ``sequence [B,T]``), or ``finals = None`` unless
-    ``need_finals``. Each token's ``[B, G, Dg, N]`` decay and input are formed inside the
-    token-by-token scan of a rematerialised chunk, so only ``[B, T, D]`` inputs and one state per
-    chunk are kept for the backward pass. The final states are a running segment sum of the end
-    tokens' states (a scatter of ``[B, D, N]`` per token, only with ``need_finals``).
+    ``need_finals``.
 
-    ``packed=False`` (neither ``cu_seqlens`` nor ``segment_ids``: one sequence per batch row, from
-    token 0) starts the scan from ``init`` with no per-token resets, and the final state is the
-    last carry (padding tokens leave it unchanged). Forward + backward (``jax.grad`` w.r.t. u,
-    delta, A, B, C) is then faster on XLA:CPU than the same call with all-zero ``segment_ids`` (the
-    packed path, which these inputs took before; N=16, chunk 64, 2026-12-06): 1.46x at B=64, T=64, D=128; 1.40x at B=64, T=128, D=256; 1.66x at
-    B=8, T=512, D=512; 1.11x at B=1, T=4096, D=256. The decay and input are formed with ``einsum``
-    as in :func:`_pairs`: as broadcast products the backward was 2.3x slower."""
+    ``cu_packed=False`` (no ``cu_seqlens``: one sequence per batch row from token 0, which may
+    restart from zero where ``segment_ids`` change) runs :func:`_segment_scan`: it starts from
+    ``init``, zeroes the decay where ``restart`` (after token 0), keeps one state per chunk, and
+    its backward pass is written out rather than differentiated through the loop, whose transposes
+    XLA:CPU spends most of its time copying. The final state is the last carry (padding tokens
+    leave it unchanged).
+
+    ``cu_packed=True`` (``cu_seqlens``: sequences restart from their own initial states and end
+    anywhere): each token's ``[B, G, Dg, N]`` decay and input (:func:`_pairs`, resets folded in)
+    are formed inside the token-by-token scan of a rematerialised chunk, so only ``[B, T, D]``
+    inputs and one state per chunk are kept for the backward pass. The final states are a running
+    segment sum of the end tokens' states (a scatter of ``[B, D, N]`` per token, only with
+    ``need_finals``)."""
     batch, length = u.shape[:2]
     dtype = steps.dtype
     padded = -(-length // chunk) * chunk
     num = padded // chunk
+    rates = A.reshape(groups, -1, A.shape[-1]).astype(dtype)  # [G, Dg, N]
+
+    if not cu_packed:
+        def chunk_major(x):  # [B, T, ...] -> [K, L, B, ...]; padding: step 0 and carry 1 (decay 1, input 0)
+            x = pad_axis(x, 1, chunk, value=1 if x.ndim == 2 else 0)
+            return jnp.moveaxis(x.reshape((batch, num, chunk) + x.shape[2:]), 0, 2)
+
+        carry = (~restart).at[:, 0].set(True).astype(dtype)
+        inputs = [chunk_major(_grouped(x, groups)) for x in (u.astype(dtype), steps)]
+        inputs += [chunk_major(_as_groups(x).astype(dtype)) for x in (B, C)]
+        y, last = _segment_scan(*inputs, chunk_major(carry), rates, init)
+        y = jnp.moveaxis(y.reshape((padded, batch, -1)), 0, 1)[:, :length]
+        return y, (last if need_finals else None)
+
     # The sequence whose last token this is, or ``sequences`` (dropped) for every other token.
     end_of = jnp.where(ends, sequence, sequences).astype(jnp.int32)
     # padding tokens: step 0 (decay 1, input 0), no restart, never an end
@@ -180,14 +294,6 @@ def _chunked(u, steps, A, B, C, restart, source, init, groups, chunk, ends, sequ
 
     def to_chunks(x):
         return jnp.moveaxis(x.reshape((batch, num, chunk) + x.shape[2:]), 1, 0)
-
-    decay_rates = A.reshape(groups, -1, A.shape[-1]).astype(dtype)  # [G, Dg, N]
-
-    def plain_token(h, inputs):
-        u_t, steps_t, b_t, c_t = inputs  # [B, D], [B, D], [B, G, N], [B, G, N]
-        a = jnp.exp(jnp.einsum("bgc,gcn->bgcn", _grouped(steps_t, groups), decay_rates))
-        h = a * h + jnp.einsum("bgc,bgn->bgcn", _grouped(steps_t * u_t, groups), b_t)
-        return h, jnp.einsum("bgcn,bgn->bgc", h, c_t).reshape(batch, -1)
 
     def token(carry, inputs):
         h, finals = carry
@@ -201,13 +307,8 @@ def _chunked(u, steps, A, B, C, restart, source, init, groups, chunk, ends, sequ
 
     @jax.checkpoint
     def body(carry, inputs):
-        carry, y = jax.lax.scan(token if packed else plain_token, carry, tuple(jnp.moveaxis(x, 1, 0) for x in inputs))
+        carry, y = jax.lax.scan(token, carry, tuple(jnp.moveaxis(x, 1, 0) for x in inputs))
         return carry, jnp.moveaxis(y, 0, 1)
-
-    if not packed:
-        h, y = jax.lax.scan(body, init, tuple(to_chunks(x) for x in per_token[:4]))
-        y = jnp.moveaxis(y, 0, 1).reshape((batch, padded, -1))[:, :length]
-        return y, (h if need_finals else None)
 
     h0 = jnp.zeros((batch, groups, u.shape[-1] // groups, A.shape[-1]), dtype)
     finals0 = jnp.zeros((sequences,) + h0.shape[1:], dtype) if need_finals else None
@@ -241,7 +342,7 @@ def _run(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, segment
     else:
         chunk = min(chunk_size, 1 << max(length - 1, 0).bit_length())
         y, finals = _chunked(u, steps, A, B, C, restart, source, init_g, groups, chunk, ends, sequence, sequences,
-                             need_finals=return_last_state, packed=cu_seqlens is not None or segment_ids is not None)
+                             need_finals=return_last_state, cu_packed=cu_seqlens is not None)
     if D is not None:
         y = y + jnp.einsum("btd,d->btd", u.astype(dtype), D.astype(dtype))
     if z is not None:
