@@ -4,8 +4,8 @@ A thin driver over the trainer (:func:`attnzoo.train.train.train_and_evaluate`) 
 ``mqar`` dataset (its builder, with this sweep's configs: :func:`sweep_builder_class`): for every
 (mixer, model width, (sequence length, key-value pairs), learning rate) it builds a config from
 ``attnzoo/configs/mqar.py``'s ``get_config()``, overrides the data, the model and the optimizer,
-trains in a temporary workdir and records the trainer's final eval accuracy at the query
-positions (``mqar`` task, the whole 1,000-example test split).
+trains in a workdir of its own under ``--runs-dir`` and records the trainer's final eval
+accuracy at the query positions (``mqar`` task, the whole 1,000-example test split).
 
     python benchmarks/mqar.py                      # the full sweep (resumes; see the cost below)
     python benchmarks/mqar.py --workers 2          # the same, two points at once (one per core here)
@@ -153,8 +153,13 @@ resumes where it stopped (cheapest points first: ``--lengths 64`` before 128 and
 script pinned to its share of the CPUs (``os.sched_setaffinity``, round robin), the children
 appending to the same CSV (one short append per run); the parent builds the datasets first, logs
 the children's output with ``[slot k]`` in front, and writes the table, plot and projection once
-they are done. SIGTERM or Ctrl-C stops every child between steps (the runs in flight write no
-row). These small models leave XLA:CPU's second thread mostly idle: on 2026-12-06, GLA at width
+they are done. SIGTERM or Ctrl-C stops every child between steps.
+
+Stopping loses no training: a run stopped by SIGTERM or Ctrl-C (with or without ``--workers``)
+saves a checkpoint in its workdir (``--runs-dir``, default ``~/.cache/attnzoo/mqar_runs``, one
+directory per run) and writes no row; the next sweep resumes it from that step, data order
+included, and its row counts the seconds of every part. A finished run's workdir is removed once
+its row is written. A run killed without a signal (SIGKILL, power) starts over. These small models leave XLA:CPU's second thread mostly idle: on 2026-12-06, GLA at width
 128, length 128 trained at 230 ms/step alone on both cores and at 345 ms/step each as two
 one-core workers side by side, 1.33 times the throughput (``--workers 2``); the projection above
 counts single-process seconds.
@@ -173,6 +178,7 @@ import datetime
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,6 +229,8 @@ COLUMNS = ["mixer", "pattern", "layers", "mlp", "width", "seq_len", "num_kv_pair
 DONE_STATUSES = ("ok", "nonfinite")  # rows a rerun skips (errors are retried)
 
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "mqar.md")
+DEFAULT_RUNS_DIR = os.path.join(os.path.expanduser("~"), ".cache", "attnzoo", "mqar_runs")
+ELAPSED_FILE = "mqar_seconds_before.txt"  # in a stopped run's workdir: the seconds it had run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,6 +277,9 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=WINDOW, help="sliding_window's window (tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--runs-dir", default=None,
+                   help="one workdir per run in flight; a run stopped by SIGTERM / Ctrl-C keeps its checkpoint there "
+                        f"and resumes from it (default {DEFAULT_RUNS_DIR}, with --smoke a temporary directory)")
     p.add_argument("--output", default=None,
                    help=f"the Markdown table; the CSV and PNG go next to it (default {os.path.relpath(DEFAULT_OUTPUT)}, "
                         "with --smoke a temporary directory)")
@@ -286,8 +297,12 @@ def parse_args(argv=None):
             setattr(args, key, value)
         if args.output is None:
             args.output = os.path.join(tempfile.mkdtemp(prefix="mqar_smoke_"), "mqar.md")
+        if args.runs_dir is None:
+            args.runs_dir = os.path.join(os.path.dirname(os.path.abspath(args.output)), "runs")
     if args.output is None:
         args.output = DEFAULT_OUTPUT
+    if args.runs_dir is None:
+        args.runs_dir = DEFAULT_RUNS_DIR
     if not args.output.endswith(".md"):
         p.error(f"--output must name a .md file (the .csv and .png go next to it), got {args.output!r}")
     for name in ("steps", "batch_size", "heads", "window", "workers"):
@@ -385,33 +400,50 @@ def make_config(mixer, width, seq_len, lr, *, steps, batch_size, heads, window, 
     if config.eval_every_steps:
         config.early_stop.metric = "accuracy"
         config.early_stop.threshold = TARGET_ACCURACY
-    config.checkpoint.every_steps = 0  # only the final step (the trainer always saves it)
+    config.checkpoint.every_steps = 0  # the final step and a stop by signal (the trainer always saves those)
     config.checkpoint.keep = 1
     config.checkpoint.async_save = False
     return config
 
 
-def train_one(config):
-    """(accuracy, loss, status, seconds, ms per train step, last step) of one run in a throwaway
-    workdir.
+def run_dir(runs_dir, mixer, width, seq_len, lr, steps, batch_size, seed):
+    """The workdir of one run (one per :func:`run_key`)."""
+    return os.path.join(runs_dir, f"{mixer}_d{width}_t{seq_len}_lr{lr:g}_seed{seed}_steps{steps}_batch{batch_size}")
 
-    ``seconds`` is the whole run (data, compile, train, evals); the step time is the trainer's, from
-    its last log interval (compile excluded); the last step is ``config.num_steps`` unless the run
-    stopped early at ``TARGET_ACCURACY``."""
+
+def train_one(config, workdir):
+    """(accuracy, loss, status, seconds, ms per train step, last step) of one run in ``workdir``.
+
+    A run stopped by SIGTERM / SIGINT leaves its checkpoint (the trainer saves one when it stops)
+    and the seconds it ran (``ELAPSED_FILE``) in ``workdir`` and raises KeyboardInterrupt; called
+    again with the same workdir it resumes from that step, exactly (the trainer restores the data
+    iterator too). ``seconds`` is the whole run (data, compile, train, evals) over all its parts;
+    the step time is the trainer's, from the last log interval (compile excluded); the last step is
+    ``config.num_steps`` unless the run stopped early at ``TARGET_ACCURACY``. The caller removes
+    ``workdir`` once the run is recorded."""
     from attnzoo.train.train import NonFiniteLossError, train_and_evaluate
 
+    elapsed_path = os.path.join(workdir, ELAPSED_FILE)
+    before = 0.0
+    if os.path.exists(elapsed_path):
+        with open(elapsed_path) as f:
+            before = float(f.read())
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mqar_run_") as workdir:
-        try:
-            result = train_and_evaluate(config, workdir)
-        except NonFiniteLossError as error:
-            print(f"  non-finite loss: {error}", flush=True)
-            return 0.0, float("nan"), "nonfinite", time.perf_counter() - started, float("nan"), 0
+    try:
+        result = train_and_evaluate(config, workdir)
+    except NonFiniteLossError as error:
+        print(f"  non-finite loss: {error}", flush=True)
+        return 0.0, float("nan"), "nonfinite", before + time.perf_counter() - started, float("nan"), 0
+    seconds = before + time.perf_counter() - started
     if result.stopped_by_signal:
-        raise KeyboardInterrupt(f"stopped by {result.stopped_by_signal}")
+        partial = elapsed_path + ".tmp"
+        with open(partial, "w") as f:
+            f.write(f"{seconds:.3f}")
+        os.replace(partial, elapsed_path)
+        raise KeyboardInterrupt(f"stopped by {result.stopped_by_signal} at step {result.step}; resumes from there")
     step_ms = 1e3 * float(result.train_metrics.get("step_time_s", float("nan")))
     return (float(result.eval_metrics["accuracy"]), float(result.eval_metrics.get("loss", float("nan"))), "ok",
-            time.perf_counter() - started, step_ms, result.step)
+            seconds, step_ms, result.step)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -440,7 +472,8 @@ def point_command(args, mixer, width, seq_len):
     command = [sys.executable, os.path.abspath(__file__), "--mixers", mixer, "--widths", str(width),
                "--lengths", str(seq_len), "--lrs", ",".join(repr(lr) for lr in args.lrs), "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--heads", str(args.heads), "--window", str(args.window),
-               "--seed", str(args.seed), "--output", os.path.abspath(args.output), "--no-report"]
+               "--seed", str(args.seed), "--output", os.path.abspath(args.output),
+               "--runs-dir", os.path.abspath(args.runs_dir), "--no-report"]
     return command + (["--data-dir", args.data_dir] if args.data_dir else [])
 
 
@@ -462,8 +495,8 @@ def run_in_workers(jobs, workers, log, cpus=None, poll_seconds=0.5):
     line with ``[slot k]`` in front. Returns the number of jobs that exited non-zero.
 
     On KeyboardInterrupt (or SIGTERM, which :func:`main` turns into one) every running job gets
-    SIGTERM, is waited for (the trainer stops between steps; the run in flight writes no row) and
-    the interrupt is re-raised."""
+    SIGTERM, is waited for (the trainer stops between steps and checkpoints the run in flight, which
+    writes no row: :func:`train_one`) and the interrupt is re-raised."""
     slots = cpu_slots(workers, cpus)
     queue = list(jobs)
     running = {}  # slot -> (name, process, output thread)
@@ -940,9 +973,10 @@ def main(argv=None):
             prepare_dataset(seq_len, args.data_dir)
             log(f"[{index}/{len(todo)}] {mixer} ({MIXERS[mixer]}) width {width} seq_len {seq_len} "
                 f"kv {LENGTHS[seq_len]} lr {lr:g} steps {args.steps}")
+            workdir = run_dir(args.runs_dir, mixer, width, seq_len, lr, args.steps, args.batch_size, args.seed)
             try:
-                accuracy, loss, status, seconds, step_ms, stopped_at = train_one(config)
-            except Exception as error:  # recorded, retried on the next run
+                accuracy, loss, status, seconds, step_ms, stopped_at = train_one(config, workdir)
+            except Exception as error:  # recorded, retried from scratch on the next run
                 failures += 1
                 accuracy, loss, status, seconds, step_ms, stopped_at = (
                     float("nan"), float("nan"), f"error: {type(error).__name__}", 0.0, float("nan"), 0)
@@ -955,6 +989,7 @@ def main(argv=None):
                 seconds=f"{seconds:.1f}", step_ms=f"{step_ms:.1f}", status=status,
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
             ))
+            shutil.rmtree(workdir, ignore_errors=True)
             log(f"  accuracy {accuracy:.4f} at step {stopped_at}, {seconds:.1f} s, {step_ms:.0f} ms/step ({status})")
 
     if args.no_report:
@@ -1012,6 +1047,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt as interrupt:
-        print(f"stopped ({interrupt or 'interrupted'}); the finished runs are in the CSV: rerun the same command to "
-              "resume", flush=True)
+        print(f"stopped ({interrupt or 'interrupted'}); the finished runs are in the CSV, the stopped ones "
+              "checkpointed in --runs-dir: rerun the same command to resume", flush=True)
         sys.exit(130)

@@ -22,6 +22,14 @@ def mqar():
     return module
 
 
+@pytest.fixture(autouse=True)
+def runs_dir(mqar, tmp_path, monkeypatch):
+    """Keeps every test's run workdirs out of the real sweep's (``~/.cache/attnzoo/mqar_runs``)."""
+    path = tmp_path / "runs"
+    monkeypatch.setattr(mqar, "DEFAULT_RUNS_DIR", str(path))
+    return path
+
+
 def _config(mqar, mixer, steps=1000):
     return mqar.make_config(mixer, 128, 128, 3e-3, steps=steps, batch_size=64, heads=2, window=16, seed=0,
                             data_dir="/nowhere")
@@ -77,7 +85,7 @@ def test_learning_rates_run_in_order_and_a_solved_point_skips_the_rest(mqar, tmp
     runs = []
     accuracy = {("deltanet", 3e-3): 0.995, ("gla", 3e-3): 0.4, ("gla", 1e-2): 0.6, ("gla", 3e-2): 0.2}
 
-    def fake_train_one(config):
+    def fake_train_one(config, workdir):
         mixer = {pattern: name for name, pattern in mqar.MIXERS.items()}[config.model.kwargs.pattern]
         lr = config.optimizer.learning_rate
         runs.append((mixer, lr))
@@ -217,16 +225,58 @@ def test_workers_train_each_pending_point_once_with_the_sweep_settings(mqar, tmp
     assert (child.mixers, child.widths, child.lengths, child.lrs) == (["based"], [64], [64], list(mqar.LEARNING_RATES))
     assert (child.steps, child.batch_size, child.heads, child.window, child.seed) == (1000, 64, 2, 8, 3)
     assert (child.output, child.no_report, child.workers) == (str(output), True, 1)
+    assert child.runs_dir == str(tmp_path / "runs")
     assert "| gla | 0.600 (1e-02) |" in output.read_text()
 
 
 def test_a_no_report_run_leaves_the_table_alone(mqar, tmp_path, monkeypatch):
-    monkeypatch.setattr(mqar, "train_one", lambda config: (0.5, 1.0, "ok", 1.0, 1.0, 1000))
+    monkeypatch.setattr(mqar, "train_one", lambda config, workdir: (0.5, 1.0, "ok", 1.0, 1.0, 1000))
     monkeypatch.setattr(mqar, "prepare_dataset", lambda seq_len, data_dir: None)
     output = tmp_path / "mqar.md"
     argv = ["--mixers", "gla", "--widths", "64", "--lengths", "64", "--lrs", "0.01", "--output", str(output)]
     assert mqar.main([*argv, "--no-report"]) == 0
     assert not output.exists() and len(mqar.read_rows(str(tmp_path / "mqar.csv"))) == 1
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint_and_its_row_counts_every_part(mqar, tmp_path, monkeypatch,
+                                                                                 runs_dir):
+    """A run stopped by a signal writes no row and keeps its workdir (the trainer's checkpoint and
+    the seconds so far); the next sweep trains it in the same workdir, records the seconds of both
+    parts, and removes the workdir."""
+    import types
+
+    from attnzoo.train import train as trainer
+
+    calls, clock = [], [0.0]
+
+    def fake_train_and_evaluate(config, workdir):
+        resumed = os.path.exists(os.path.join(workdir, "checkpoint"))
+        calls.append((workdir, resumed))
+        if not resumed:
+            os.makedirs(workdir)
+            open(os.path.join(workdir, "checkpoint"), "w").close()
+            clock[0] += 40.0
+            return types.SimpleNamespace(stopped_by_signal="SIGTERM", step=400, eval_metrics={}, train_metrics={})
+        clock[0] += 25.0
+        return types.SimpleNamespace(stopped_by_signal=None, step=1000, eval_metrics={"accuracy": 0.75, "loss": 0.9},
+                                     train_metrics={"step_time_s": 0.05})
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fake_train_and_evaluate)
+    monkeypatch.setattr(mqar.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(mqar, "prepare_dataset", lambda seq_len, data_dir: None)
+    output = tmp_path / "mqar.md"
+    argv = ["--mixers", "gla", "--widths", "64", "--lengths", "64", "--lrs", "0.01", "--output", str(output),
+            "--no-report"]
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM at step 400"):
+        mqar.main(argv)
+    workdir = mqar.run_dir(str(runs_dir), "gla", 64, 64, 0.01, 1000, 64, 0)
+    assert calls == [(workdir, False)] and not (tmp_path / "mqar.csv").exists()
+    with open(os.path.join(workdir, mqar.ELAPSED_FILE)) as f:
+        assert float(f.read()) == 40.0
+    assert mqar.main(argv) == 0
+    assert calls == [(workdir, False), (workdir, True)] and not os.path.exists(workdir)
+    [row] = mqar.read_rows(str(tmp_path / "mqar.csv"))
+    assert (row["accuracy"], row["stopped_at"], row["seconds"], row["step_ms"]) == (0.75, 1000, 65.0, 50.0)
 
 
 def test_run_in_workers_runs_each_job_once_pinned_and_at_most_n_at_once(mqar, tmp_path):
@@ -267,7 +317,7 @@ def test_runs_at_other_seeds_are_kept_apart_and_their_spread_reported(mqar, tmp_
     runs = []
     accuracy = {(3e-3, 1): 0.17, (1e-2, 1): 0.21, (3e-2, 1): 0.25}
 
-    def fake_train_one(config):
+    def fake_train_one(config, workdir):
         runs.append((config.optimizer.learning_rate, config.seed))
         return accuracy[runs[-1]], 0.5, "ok", 12.0, 3.0, 1000
 
