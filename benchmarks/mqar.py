@@ -145,7 +145,8 @@ runs at full length, scaled from the same mixer's runs); on 2026-12-06, from the
 at length 64), that was at most 51.5 hours for the sweep, 49.4 of them still to run; from the
 first 53 (Mamba's among them, at 0.6-1.2 s a step at width 64: its selective scan's backward pass
 was ~14 times its forward on XLA:CPU; the scan's unpacked path since made forward + backward 1.46x
-as fast at these shapes), at most 84 hours, 80 still to run, an overestimate where runs were timed
+as fast at these shapes, and its written-out backward pass another 1.6-1.8x, which took the
+2-layer Mamba model's forward + backward at width 128 from 0.76-0.81 s to 0.59-0.66 s), at most 84 hours, 80 still to run, an overestimate where runs were timed
 beside other jobs. Far beyond one session on this CPU, so the sweep runs in parts and
 resumes where it stopped (cheapest points first: ``--lengths 64`` before 128 and 256).
 
