@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cpu_model, fmt_mib, interleaved_times, load_average, memory_bytes  # noqa: E402
-from recurrent import RECURRENT_OPS, make_inputs, op_arguments  # noqa: E402
+from recurrent import OPTIONAL_OPS, RECURRENT_OPS, make_inputs, op_arguments  # noqa: E402
 
 RIDGES = {  # name: (peak FLOP/s, bytes/s); dense bf16 matmul peaks from the vendors' data sheets
     "TPU v5e": (197e12, 819e9),
@@ -167,7 +167,7 @@ def build_cases(args) -> list[OpCase]:
         "attention_decode": lambda: _decode_case(args),
         "neighborhood_attention": lambda: _neighborhood_case(args),
         "routed_attention": lambda: _routed_case(args),
-        **{op: (lambda op=op: _recurrent_case(op, args)) for op in RECURRENT_OPS if op != "ssd_torch"},
+        **{op: (lambda op=op: _recurrent_case(op, args)) for op in RECURRENT_OPS if op not in OPTIONAL_OPS},
     }
     unknown = sorted(set(args.ops) - set(builders))
     if unknown:
@@ -324,7 +324,7 @@ def table(rows) -> str:
 
 def parse_args(argv=None):
     all_ops = ["attention", "attention_decode", "neighborhood_attention", "routed_attention",
-               *[op for op in RECURRENT_OPS if op != "ssd_torch"]]
+               *[op for op in RECURRENT_OPS if op not in OPTIONAL_OPS]]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", default=",".join(all_ops), help="comma-separated ops (default: all)")
     parser.add_argument("--length", type=int, default=1024, help="sequence length (tokens; a square map "
