@@ -134,6 +134,11 @@ cells below 0.99 are weak evidence, and the checks say "within seed noise" where
 measured at a point covers them. Zoology's 64 epochs (about 12,500 steps at batch 512) leave no
 such race; this sweep runs 1/100 of that.
 
+RetNet's rise with length at width 64 (0.427 at length 64, 0.593 at length 128, seed 0, LR 1e-2:
+the length check's disagreement once the first length-128 points were in) is seed noise too. At
+LR 1e-2, seed 1 gives 0.265 -> 0.259 (flat) and seed 2 0.773 -> 0.685 (falling); the seeds spread
+by 0.51 at length 64 and 0.43 at length 128.
+
 Cost: the CSV has every run's seconds (data, compile, training, evals) and ms per step. At width
 64, length 64 a step of the attention, sliding-window, linear-attention or GLA model takes 50-100 ms
 here when the CPU is otherwise idle (the CSV's slower steps were measured beside other jobs), a
