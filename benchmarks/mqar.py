@@ -151,7 +151,8 @@ at length 64), that was at most 51.5 hours for the sweep, 49.4 of them still to 
 first 53 (Mamba's among them, at 0.6-1.2 s a step at width 64: its selective scan's backward pass
 was ~14 times its forward on XLA:CPU; the scan's unpacked path since made forward + backward 1.46x
 as fast at these shapes, and its written-out backward pass another 1.6-1.8x, which took the
-2-layer Mamba model's forward + backward at width 128 from 0.76-0.81 s to 0.59-0.66 s), at most 84 hours, 80 still to run, an overestimate where runs were timed
+2-layer Mamba model's forward + backward at width 128 from 0.76-0.81 s to 0.59-0.66 s), at most
+84 hours, 80 still to run, an overestimate where runs were timed
 beside other jobs. Far beyond one session on this CPU, so the sweep runs in parts and
 resumes where it stopped (cheapest points first: ``--lengths 64`` before 128 and 256).
 
@@ -165,7 +166,9 @@ Stopping loses no training: a run stopped by SIGTERM or Ctrl-C (with or without 
 saves a checkpoint in its workdir (``--runs-dir``, default ``~/.cache/attnzoo/mqar_runs``, one
 directory per run) and writes no row; the next sweep resumes it from that step, data order
 included, and its row counts the seconds of every part. A finished run's workdir is removed once
-its row is written. A run killed without a signal (SIGKILL, power) starts over. These small models leave XLA:CPU's second thread mostly idle: on 2026-12-06, GLA at width
+its row is written. A run killed without a signal (SIGKILL, power) starts over.
+
+These small models leave XLA:CPU's second thread mostly idle: on 2026-12-06, GLA at width
 128, length 128 trained at 230 ms/step alone on both cores and at 345 ms/step each as two
 one-core workers side by side, 1.33 times the throughput (``--workers 2``); the projection above
 counts single-process seconds.
