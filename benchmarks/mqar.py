@@ -91,7 +91,13 @@ same 2 mixer-only layers, BaseConv placement, early stop and widths 64, 128, 256
   higher end of the grid; those runs stay in the CSV and count towards the best. 3e-2 then proved
   too high at every unsolved point at length 64 (0.007-0.23), so the grid brackets the best LR
   (1e-2 almost everywhere) on both sides. Runs that stop on a non-finite loss are recorded with
-  accuracy 0.
+  accuracy 0. From 2026-12-06 (after 40 points) a point also skips its higher LRs once the
+  accuracy falls from one LR to the next (:func:`lr_search_settled`): at all 19 of the first 40
+  points run at three or more LRs, accuracy against LR rose to one peak and then fell (e.g.
+  RetNet at width 128, length 64: 0.463, 0.782, 0.007; GLA at width 256: 0.913, 0.004, 0.002;
+  past the peak only chance-level wobble, Mamba at width 128: 0.256, 0.004, 0.005), and 3e-2
+  was never the best: the rule would have skipped no best LR there, and saves up to a third of
+  an unsolved point's time.
 
 Expected shape (Zoology, Figure 2; Based paper, Figure 2): attention solves MQAR (accuracy ~1) at
 every width and length; the gated-convolution / recurrent mixers need larger widths (a larger
@@ -325,6 +331,7 @@ def parse_args(argv=None):
     bad = [lr for lr in args.lrs if not (math.isfinite(lr) and lr > 0)]
     if bad:
         p.error(f"--lrs must be positive, got {bad}")
+    args.lrs = sorted(args.lrs)  # run in ascending order (lr_search_settled)
     return args
 
 
@@ -460,20 +467,11 @@ def train_one(config, workdir):
 
 
 def pending_points(rows, args):
-    """The (mixer, width, seq_len) points of the selected grid with a run still to do (an LR not in
-    the CSV and the point not solved), cheapest first (length, then width, then mixer)."""
-    done = {row_key(r) for r in rows if r["status"] in DONE_STATUSES}
-    points = []
-    for seq_len in args.lengths:
-        for width in args.widths:
-            for mixer in args.mixers:
-                if solved_at(rows, mixer, width, seq_len, args.steps, args.batch_size, args.seed) is not None:
-                    continue
-                if all(run_key(mixer, width, seq_len, lr, args.steps, args.batch_size, args.seed) in done
-                       for lr in args.lrs):
-                    continue
-                points.append((mixer, width, seq_len))
-    return points
+    """The (mixer, width, seq_len) points of the selected grid whose LR search is not settled
+    (:func:`lr_search_settled` over ``--lrs``), cheapest first (length, then width, then mixer)."""
+    return [(mixer, width, seq_len) for seq_len in args.lengths for width in args.widths for mixer in args.mixers
+            if lr_search_settled(rows, mixer, width, seq_len, args.steps, args.batch_size, args.seed,
+                                 sorted(args.lrs)) is None]
 
 
 def point_command(args, mixer, width, seq_len):
@@ -630,8 +628,8 @@ def projected_sweep_seconds(rows, steps, batch_size, mixers=tuple(MIXERS), width
     """(total seconds, runs measured, runs estimated, seconds still to run) of the sweep ``mixers
     x widths x lengths x lrs`` at ``steps`` / ``batch_size`` and ``seed`` on this machine.
 
-    A run in ``rows`` counts its measured time; the LRs not run at a point already solved
-    (:func:`solved_at`) cost nothing. Another run costs ``overhead + steps x step time``
+    A run in ``rows`` counts its measured time; the LRs not run at a point whose LR search is
+    settled (:func:`lr_search_settled`) cost nothing, every other LR counts (an upper bound). Another run costs ``overhead + steps x step time``
     (:func:`run_cost`): both from measured runs (any LR or step count) of the same (mixer, width,
     length) where there are some (the LR does not change the cost); else the step time is the same
     mixer's median seconds per (step x width x length) times this run's width x length (else all
@@ -667,7 +665,7 @@ def projected_sweep_seconds(rows, steps, batch_size, mixers=tuple(MIXERS), width
                         total += done[key]
                         n_measured += 1
                         continue
-                    if solved_at(measured, mixer, width, seq_len, steps, batch_size, seed) is not None:
+                    if lr_search_settled(measured, mixer, width, seq_len, steps, batch_size, seed, lrs) is not None:
                         continue
                     n_estimated += 1
                     point = by_point.get((mixer, width, seq_len))
@@ -719,19 +717,38 @@ def solved_at(rows, mixer, width, seq_len, steps, batch_size, seed=0):
     return None
 
 
+def lr_search_settled(rows, mixer, width, seq_len, steps, batch_size, seed=0, lrs=LEARNING_RATES):
+    """Why this point at ``seed`` needs no further learning rate of ``lrs`` (ascending, run in
+    that order), or None while one is still to run:
+
+    * ``"solved at lr X"``: a finished run reached ``TARGET_ACCURACY`` (:func:`solved_at`);
+    * ``"past its best: lr X < lr W"``: the accuracy fell from one LR of ``lrs`` to the next, so
+      the best lies at or below the lower of the two and the higher LRs are skipped (accuracy
+      against LR has one peak at every point measured with three LRs; see the module docstring);
+    * ``"every lr ran"``.
+    """
+    lr = solved_at(rows, mixer, width, seq_len, steps, batch_size, seed)
+    if lr is not None:
+        return f"solved at lr {lr:g}"
+    accuracy = {f"{r['learning_rate']:.6g}": (r["accuracy"] if math.isfinite(r["accuracy"]) else 0.0)
+                for r in rows if current(r, steps, batch_size, seed)
+                and (r["mixer"], r["width"], r["seq_len"]) == (mixer, width, seq_len)}
+    previous = None
+    for lr in lrs:
+        value = accuracy.get(f"{lr:.6g}")
+        if value is None:
+            return None
+        if previous is not None and value < previous[1]:
+            return f"past its best: lr {lr:g} < lr {previous[0]:g}"
+        previous = lr, value
+    return "every lr ran"
+
+
 def finished_points(rows, steps, batch_size, seed=0):
     """The (mixer, seq_len, width) points of the default grid whose best accuracy at ``seed`` is
-    final: solved (:func:`solved_at`) or run at every LR of ``LEARNING_RATES``."""
-    finished = set()
-    for mixer in MIXERS:
-        for width in WIDTHS:
-            for seq_len in LENGTHS:
-                ran = {f"{r['learning_rate']:.6g}" for r in rows if current(r, steps, batch_size, seed)
-                       and (r["mixer"], r["width"], r["seq_len"]) == (mixer, width, seq_len)}
-                if (solved_at(rows, mixer, width, seq_len, steps, batch_size, seed) is not None
-                        or ran >= {f"{lr:.6g}" for lr in LEARNING_RATES}):
-                    finished.add((mixer, seq_len, width))
-    return finished
+    final over ``LEARNING_RATES`` (:func:`lr_search_settled`)."""
+    return {(mixer, seq_len, width) for mixer in MIXERS for width in WIDTHS for seq_len in LENGTHS
+            if lr_search_settled(rows, mixer, width, seq_len, steps, batch_size, seed) is not None}
 
 
 def seed_spread(rows, steps, batch_size):
@@ -972,10 +989,10 @@ def main(argv=None):
         total = len(args.mixers) * len(args.widths) * len(args.lengths) * len(args.lrs)
         log(f"{total - len(todo)} of {total} selected runs already in the CSV; at most {len(todo)} to run")
         for index, (mixer, width, seq_len, lr) in enumerate(todo, 1):
-            solved = solved_at(read_rows(csv_path), mixer, width, seq_len, args.steps, args.batch_size, args.seed)
-            if solved is not None:
-                log(f"[{index}/{len(todo)}] {mixer} width {width} seq_len {seq_len}: solved at lr {solved:g} "
-                    f"(accuracy >= {TARGET_ACCURACY}); lr {lr:g} skipped")
+            settled = lr_search_settled(read_rows(csv_path), mixer, width, seq_len, args.steps, args.batch_size,
+                                        args.seed, sorted(args.lrs))
+            if settled is not None:
+                log(f"[{index}/{len(todo)}] {mixer} width {width} seq_len {seq_len}: {settled}; lr {lr:g} skipped")
                 continue
             config = make_config(mixer, width, seq_len, lr, steps=args.steps, batch_size=args.batch_size,
                                  heads=args.heads, window=args.window, seed=args.seed, data_dir=args.data_dir)
@@ -1020,7 +1037,8 @@ def main(argv=None):
         f"examples (the LR that gave it); `-`: not run yet. Patterns, and how this differs from Zoology: the "
         f"docstring of `benchmarks/mqar.py`. Every run: `{os.path.basename(csv_path)}`.", "",
         f"Sweep progress: {finished} of {points} (mixer, width, length) points finished (one LR reached "
-        f"{TARGET_ACCURACY}, or all {len(LEARNING_RATES)} LRs ran); it resumes where it stopped.", "", table, "",
+        f"{TARGET_ACCURACY}, the accuracy fell from one LR to the next, or all {len(LEARNING_RATES)} LRs ran); "
+        "it resumes where it stopped.", "", table, "",
         "Zoology's qualitative results, checked on the finished points (differences below "
         f"{SLACK} count as equal):", "", *checks,
     ] + ["", *spread_lines] * bool(spread_lines))

@@ -81,9 +81,10 @@ def _row(mqar, mixer, lr, accuracy, *, width=64, seq_len=64, steps=1000, mlp=Non
                 step_ms="5.0", status="ok", date="2026-12-06T00:00:00")
 
 
-def test_learning_rates_run_in_order_and_a_solved_point_skips_the_rest(mqar, tmp_path, monkeypatch):
+def test_learning_rates_run_in_order_and_a_solved_or_falling_point_skips_the_rest(mqar, tmp_path, monkeypatch):
     runs = []
-    accuracy = {("deltanet", 3e-3): 0.995, ("gla", 3e-3): 0.4, ("gla", 1e-2): 0.6, ("gla", 3e-2): 0.2}
+    accuracy = {("deltanet", 3e-3): 0.995, ("gla", 3e-3): 0.4, ("gla", 1e-2): 0.6, ("gla", 3e-2): 0.2,
+                ("retnet", 3e-3): 0.5, ("retnet", 1e-2): 0.3}  # retnet at 3e-2 would raise a KeyError
 
     def fake_train_one(config, workdir):
         mixer = {pattern: name for name, pattern in mqar.MIXERS.items()}[config.model.kwargs.pattern]
@@ -96,26 +97,50 @@ def test_learning_rates_run_in_order_and_a_solved_point_skips_the_rest(mqar, tmp
     monkeypatch.setattr(mqar, "prepare_dataset", lambda seq_len, data_dir: None)
     monkeypatch.setattr(mqar, "write_plot", lambda best, path, title: False)
     output = tmp_path / "mqar.md"
-    argv = ["--mixers", "deltanet,gla", "--widths", "64", "--lengths", "64", "--output", str(output)]
+    argv = ["--mixers", "deltanet,gla,retnet", "--widths", "64", "--lengths", "64", "--lrs", "0.03,0.003,0.01",
+            "--output", str(output)]
     assert mqar.main(argv) == 0
-    assert runs == [("deltanet", 3e-3), ("gla", 3e-3), ("gla", 1e-2), ("gla", 3e-2)]
+    assert runs == [("deltanet", 3e-3), ("gla", 3e-3), ("gla", 1e-2), ("gla", 3e-2), ("retnet", 3e-3), ("retnet", 1e-2)]
     rows = mqar.read_rows(str(tmp_path / "mqar.csv"))
     assert [(r["mixer"], r["learning_rate"], r["stopped_at"]) for r in rows] == [
-        ("deltanet", 3e-3, 300), ("gla", 3e-3, 1000), ("gla", 1e-2, 1000), ("gla", 3e-2, 1000)]
+        ("deltanet", 3e-3, 300), ("gla", 3e-3, 1000), ("gla", 1e-2, 1000), ("gla", 3e-2, 1000),
+        ("retnet", 3e-3, 1000), ("retnet", 1e-2, 1000)]
     best = mqar.best_accuracy(rows, 1000, 64)
-    assert best == {("deltanet", 64, 64): (0.995, 3e-3), ("gla", 64, 64): (0.6, 1e-2)}
+    assert best == {("deltanet", 64, 64): (0.995, 3e-3), ("gla", 64, 64): (0.6, 1e-2), ("retnet", 64, 64): (0.5, 3e-3)}
     assert "| deltanet | 0.995 (3e-03) |" in output.read_text() and "| gla | 0.600 (1e-02) |" in output.read_text()
 
-    assert mqar.sweep_progress(rows, 1000, 64) == (2, 108)
-    assert "Sweep progress: 2 of 108 (mixer, width, length) points finished" in output.read_text()
-    # the projection counts the 4 runs as measured and nothing for deltanet's skipped LRs at this point
+    assert mqar.sweep_progress(rows, 1000, 64) == (3, 108)
+    assert "Sweep progress: 3 of 108 (mixer, width, length) points finished" in output.read_text()
+    # the projection counts the 6 runs as measured, nothing for deltanet's and retnet's skipped LRs
     total, measured, estimated, remaining = mqar.projected_sweep_seconds(rows, 1000, 64)
-    assert (measured, estimated) == (4, 108 * 3 - 4 - 2) and math.isclose(total - remaining, 4 * 12.0)
+    assert (measured, estimated) == (6, 108 * 3 - 6 - 2 - 1) and math.isclose(total - remaining, 6 * 12.0)
 
-    runs.clear()  # a rerun trains nothing: finished runs are in the CSV, deltanet's other LRs are skipped
+    runs.clear()  # a rerun trains nothing: finished runs are in the CSV, the settled points' other LRs skipped
     assert mqar.main(argv) == 0
     assert runs == []
-    assert len(mqar.read_rows(str(tmp_path / "mqar.csv"))) == 4
+    assert len(mqar.read_rows(str(tmp_path / "mqar.csv"))) == 6
+
+
+def test_the_lr_search_settles_when_solved_past_its_best_or_complete(mqar):
+    def settled(*points, lrs=(3e-3, 1e-2, 3e-2), seed=0):
+        rows = [{**_row(mqar, "gla", lr, accuracy, seed=seed)} for lr, accuracy in points]
+        for row in rows:  # as read_rows returns them
+            row.update(learning_rate=float(row["learning_rate"]), accuracy=float(row["accuracy"]))
+        return mqar.lr_search_settled(rows, "gla", 64, 64, 1000, 64, 0, lrs)
+
+    assert settled() is None
+    assert settled((3e-3, 0.4)) is None
+    assert settled((3e-3, 0.4), (1e-2, 0.4)) is None  # equal: not past the best yet
+    assert settled((3e-3, 0.4), (1e-2, 0.6)) is None
+    assert settled((3e-3, 0.4), (3e-2, 0.1)) is None  # 1e-2 not run yet: no fall between neighbours
+    assert settled((3e-3, 0.4), (1e-2, 0.39)) == "past its best: lr 0.01 < lr 0.003"
+    assert settled((3e-3, 0.4), (1e-2, float("nan"))) == "past its best: lr 0.01 < lr 0.003"  # non-finite: 0
+    assert settled((3e-3, 0.4), (1e-2, 0.6), (3e-2, 0.7)) == "every lr ran"
+    assert settled((3e-3, 0.4), (1e-2, 0.6), (3e-2, 0.2)) == "past its best: lr 0.03 < lr 0.01"
+    assert settled((1e-2, 0.995)) == "solved at lr 0.01"
+    assert settled((3e-3, 0.5), (1e-2, 0.3), seed=1) is None  # another seed's runs settle nothing at seed 0
+    assert settled((1e-3, 0.5), (3e-3, 0.3)) is None  # 1e-3 is not in the grid searched
+    assert settled((1e-3, 0.5), (3e-3, 0.3), lrs=(1e-3, 3e-3, 1e-2)) == "past its best: lr 0.003 < lr 0.001"
 
 
 def test_an_older_csv_is_migrated_and_its_rows_stay_out_of_the_table(mqar, tmp_path):
@@ -201,7 +226,7 @@ def test_workers_train_each_pending_point_once_with_the_sweep_settings(mqar, tmp
     left out), carrying every setting of the sweep, then the report from the whole CSV."""
     path = tmp_path / "mqar.csv"
     for mixer, lr, accuracy in [("deltanet", 3e-3, 0.995), ("gla", 3e-3, 0.4), ("gla", 1e-2, 0.6), ("gla", 3e-2, 0.2),
-                                ("based", 3e-3, 0.9)]:
+                                ("based", 3e-3, 0.9), ("retnet", 3e-3, 0.5), ("retnet", 1e-2, 0.3)]:
         mqar.append_row(str(path), _row(mqar, mixer, lr, accuracy, seed=3))
     mqar.append_row(str(path), _row(mqar, "based", 1e-2, 0.995))  # seed 0: solves nothing at seed 3
     jobs = []
@@ -215,12 +240,12 @@ def test_workers_train_each_pending_point_once_with_the_sweep_settings(mqar, tmp
     monkeypatch.setattr(mqar, "prepare_dataset", lambda seq_len, data_dir: None)
     monkeypatch.setattr(mqar, "write_plot", lambda best, path, title: False)
     output = tmp_path / "mqar.md"
-    argv = ["--mixers", "deltanet,gla,based", "--widths", "64,128", "--lengths", "64", "--steps", "1000", "--workers",
-            "2", "--window", "8", "--seed", "3", "--output", str(output)]
+    argv = ["--mixers", "deltanet,gla,based,retnet", "--widths", "64,128", "--lengths", "64", "--steps", "1000",
+            "--workers", "2", "--window", "8", "--seed", "3", "--output", str(output)]
     assert mqar.main(argv) == 0
     names = [name for name, _ in jobs]
     assert names == ["based width 64 seq_len 64", "deltanet width 128 seq_len 64", "gla width 128 seq_len 64",
-                     "based width 128 seq_len 64"]
+                     "based width 128 seq_len 64", "retnet width 128 seq_len 64"]
     child = mqar.parse_args(jobs[0][1][2:])
     assert (child.mixers, child.widths, child.lengths, child.lrs) == (["based"], [64], [64], list(mqar.LEARNING_RATES))
     assert (child.steps, child.batch_size, child.heads, child.window, child.seed) == (1000, 64, 2, 8, 3)
