@@ -172,7 +172,8 @@ Stopping loses no training: a run stopped by SIGTERM or Ctrl-C (with or without 
 saves a checkpoint in its workdir (``--runs-dir``, default ``~/.cache/attnzoo/mqar_runs``, one
 directory per run) and writes no row; the next sweep resumes it from that step, data order
 included, and its row counts the seconds of every part. A finished run's workdir is removed once
-its row is written. A run killed without a signal (SIGKILL, power) starts over.
+its row is written, and a stopped run's when its point settles without it (an LR skipped). A run
+killed without a signal (SIGKILL, power) starts over.
 
 These small models leave XLA:CPU's second thread mostly idle: on 2026-12-06, GLA at width
 128, length 128 trained at 230 ms/step alone on both cores and at 345 ms/step each as two
@@ -993,6 +994,9 @@ def main(argv=None):
                                         args.seed, sorted(args.lrs))
             if settled is not None:
                 log(f"[{index}/{len(todo)}] {mixer} width {width} seq_len {seq_len}: {settled}; lr {lr:g} skipped")
+                # a run of this LR stopped before the point settled will not be resumed
+                shutil.rmtree(run_dir(args.runs_dir, mixer, width, seq_len, lr, args.steps, args.batch_size, args.seed),
+                              ignore_errors=True)
                 continue
             config = make_config(mixer, width, seq_len, lr, steps=args.steps, batch_size=args.batch_size,
                                  heads=args.heads, window=args.window, seed=args.seed, data_dir=args.data_dir)

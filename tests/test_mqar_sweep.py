@@ -303,6 +303,15 @@ def test_a_stopped_run_resumes_from_its_checkpoint_and_its_row_counts_every_part
     [row] = mqar.read_rows(str(tmp_path / "mqar.csv"))
     assert (row["accuracy"], row["stopped_at"], row["seconds"], row["step_ms"]) == (0.75, 1000, 65.0, 50.0)
 
+    # a run stopped at an LR its point no longer needs (accuracy fell from 3e-3 to 1e-2) is not
+    # resumed, and its workdir goes
+    stale = mqar.run_dir(str(runs_dir), "gla", 64, 64, 0.03, 1000, 64, 0)
+    os.makedirs(stale)
+    open(os.path.join(stale, "checkpoint"), "w").close()
+    mqar.append_row(str(tmp_path / "mqar.csv"), _row(mqar, "gla", 3e-3, 0.8))
+    assert mqar.main([*argv[:6], "--lrs", "0.003,0.01,0.03", *argv[8:]]) == 0
+    assert len(calls) == 2 and not os.path.exists(stale) and len(mqar.read_rows(str(tmp_path / "mqar.csv"))) == 2
+
 
 def test_run_in_workers_runs_each_job_once_pinned_and_at_most_n_at_once(mqar, tmp_path):
     """Real subprocesses: each job records its CPU affinity and its start / end times."""
