@@ -145,6 +145,15 @@ the length check's disagreement once the first length-128 points were in) is see
 LR 1e-2, seed 1 gives 0.265 -> 0.259 (flat) and seed 2 0.773 -> 0.685 (falling); the seeds spread
 by 0.51 at length 64 and 0.43 at length 128.
 
+Sliding-window attention's fall with width at length 128 (0.314 at width 64, LR 1e-2, to 0.191 at
+width 128, LR 3e-3, seed 0) is seed noise as well: at seed 1 the same runs give 0.059 and 0.129
+(best over 3e-3 / 1e-2: 0.056 / 0.059 at width 64, 0.129 / 0.034 at width 128), rising with
+width. With a 16-token window the attainable accuracy is the share of queries whose key lies in
+the window, whatever the width; how much of it a run earns in 1,000 steps varies by seed.
+GLA's rise with length at width 128 (0.753 at length 64, LR 1e-2, to 0.792 at length 128, LR
+3e-3, seed 0) too: at seed 1 it falls, 0.859 -> 0.780 (3e-3 / 1e-2: 0.859 / 0.313 at length 64,
+0.482 / 0.780 at length 128).
+
 Cost: the CSV has every run's seconds (data, compile, training, evals) and ms per step. At width
 64, length 64 a step of the attention, sliding-window, linear-attention or GLA model takes 50-100 ms
 here when the CPU is otherwise idle (the CSV's slower steps were measured beside other jobs), a
