@@ -480,8 +480,7 @@ def pending_points(rows, args):
     """The (mixer, width, seq_len) points of the selected grid whose LR search is not settled
     (:func:`lr_search_settled` over ``--lrs``), cheapest first (length, then width, then mixer)."""
     return [(mixer, width, seq_len) for seq_len in args.lengths for width in args.widths for mixer in args.mixers
-            if lr_search_settled(rows, mixer, width, seq_len, args.steps, args.batch_size, args.seed,
-                                 sorted(args.lrs)) is None]
+            if lr_search_settled(rows, mixer, width, seq_len, args.steps, args.batch_size, args.seed, args.lrs) is None]
 
 
 def point_command(args, mixer, width, seq_len):
@@ -639,7 +638,8 @@ def projected_sweep_seconds(rows, steps, batch_size, mixers=tuple(MIXERS), width
     x widths x lengths x lrs`` at ``steps`` / ``batch_size`` and ``seed`` on this machine.
 
     A run in ``rows`` counts its measured time; the LRs not run at a point whose LR search is
-    settled (:func:`lr_search_settled`) cost nothing, every other LR counts (an upper bound). Another run costs ``overhead + steps x step time``
+    settled (:func:`lr_search_settled`) cost nothing, every other LR counts (an upper bound).
+    Another run costs ``overhead + steps x step time``
     (:func:`run_cost`): both from measured runs (any LR or step count) of the same (mixer, width,
     length) where there are some (the LR does not change the cost); else the step time is the same
     mixer's median seconds per (step x width x length) times this run's width x length (else all
@@ -1000,7 +1000,7 @@ def main(argv=None):
         log(f"{total - len(todo)} of {total} selected runs already in the CSV; at most {len(todo)} to run")
         for index, (mixer, width, seq_len, lr) in enumerate(todo, 1):
             settled = lr_search_settled(read_rows(csv_path), mixer, width, seq_len, args.steps, args.batch_size,
-                                        args.seed, sorted(args.lrs))
+                                        args.seed, args.lrs)
             if settled is not None:
                 log(f"[{index}/{len(todo)}] {mixer} width {width} seq_len {seq_len}: {settled}; lr {lr:g} skipped")
                 # a run of this LR stopped before the point settled will not be resumed
