@@ -36,7 +36,7 @@ $(PARITY_VENV)/.installed: pyproject.toml
 	@touch $@
 
 test-parity: $(PARITY_VENV)/.installed
-	$(PARITY_VENV)/bin/python -m pytest -m parity --durations=5 tests/zoo/test_hf_parity.py $(PARITY_ARGS)
+	$(PARITY_VENV)/bin/python -m pytest -n 2 -m parity --durations=5 tests/zoo/test_hf_parity.py $(PARITY_ARGS)
 
 # Parity with timm's vision models. timm imports torchvision, and the torch / torchvision pair
 # that installs and imports together from this machine's disk is 2.14.1 / 0.29.1 (a CUDA build,
@@ -48,7 +48,7 @@ $(TIMM_VENV)/.installed: pyproject.toml
 	@touch $@
 
 test-timm-parity: $(TIMM_VENV)/.installed
-	$(TIMM_VENV)/bin/python -m pytest -m parity --durations=5 tests/zoo/test_timm_parity_*.py $(PARITY_ARGS)
+	$(TIMM_VENV)/bin/python -m pytest -n 2 -m parity --durations=5 tests/zoo/test_timm_parity_*.py $(PARITY_ARGS)
 
 # Vision train steps (forward + backward + AdamW update) against timm on the same CPU.
 bench-vision: $(TIMM_VENV)/.installed
