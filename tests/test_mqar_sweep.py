@@ -74,6 +74,59 @@ def test_models_build_as_configured(mqar):
             assert "BaseConv" not in kinds, (mixer, kinds)
 
 
+def test_sliding_window_model_sees_exactly_the_reach_its_ceiling_assumes(mqar):
+    """The logits of the sweep's sliding_window model at the last position change with the token
+    ``j`` places back exactly when ``j <= WINDOW + kernel_size - 1`` (:func:`window_reach`'s
+    receptive field): the mask lets nothing further in, and everything up to there."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from attnzoo import zoo
+
+    kwargs = _config(mqar, "sliding_window").model.kwargs.to_dict()
+    kwargs["dim"] = 32
+    model = zoo.create_model("lm_nano", **kwargs, rngs=nnx.Rngs(3))
+    seq_len, vocab = 40, mqar.VOCAB_SIZE
+    tokens = np.random.default_rng(0).integers(0, vocab, size=seq_len)
+    variants = np.tile(tokens, (seq_len + 1, 1))
+    variants[np.arange(seq_len), np.arange(seq_len)] = (tokens + 1 + np.arange(seq_len)) % vocab  # row j: token j changed
+    graphdef, state = nnx.split(model)
+    logits = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))(state, jnp.asarray(variants, jnp.int32))[:, -1]
+    change = np.max(np.abs(np.asarray(logits[:seq_len]) - np.asarray(logits[seq_len])), axis=-1)
+    back = seq_len - 1 - np.arange(seq_len)
+    reach = mqar.WINDOW + mqar.BASE_CONV["kernel_size"] - 1
+    assert np.all(change[back <= reach] > 1e-4), change[back <= reach]
+    assert np.all(change[back > reach] == 0.0), change[back > reach]
+
+
+def test_window_reach_counts_the_test_split_queries_by_distance(mqar):
+    """:func:`window_reach` against a plain loop over the test split's queries."""
+    from attnzoo.train.datasets.mqar import IGNORE_LABEL, multiquery_ar
+
+    config = next(c for c in mqar.sweep_configs() if c.seq_len == 64)
+    inputs, labels = multiquery_ar(**config.generator_kwargs("test"))
+    counts = {"queries": 0, 16: 0, 18: 0, 10: 0, 20: 0}
+    for tokens, targets in zip(inputs.tolist(), labels.tolist(), strict=True):
+        for p, target in enumerate(targets):
+            if target == IGNORE_LABEL:
+                continue
+            value_at = tokens.index(tokens[p]) + 1  # the key's first occurrence is in the key-value section
+            assert tokens[value_at] == target
+            counts["queries"] += 1
+            for reach in (10, 16, 18, 20):
+                counts[reach] += p - value_at <= reach
+    assert counts["queries"] == 1000 * 4
+    guess = 1 / (mqar.VOCAB_SIZE // 2 - 4 + 1)
+    for window, kernel_size in ((16, 3), (10, 1), (16, 5)):
+        in_window, ceiling = mqar.window_reach(64, window=window, kernel_size=kernel_size)
+        reachable = counts[window + kernel_size - 1] / counts["queries"]
+        assert in_window == counts[window] / counts["queries"]
+        assert math.isclose(ceiling, reachable + (1 - reachable) * guess, rel_tol=1e-12)
+    assert 0.5 < mqar.window_reach(64)[0] < mqar.window_reach(64)[1] < 0.7  # half the queries lie in 16 tokens
+
+
 def _row(mqar, mixer, lr, accuracy, *, width=64, seq_len=64, steps=1000, mlp=None, pattern=None, seed=0):
     return dict(mixer=mixer, pattern=pattern or mqar.MIXERS[mixer], layers=2, mlp=mlp or mqar.MLP, width=width,
                 seq_len=seq_len, num_kv_pairs=mqar.LENGTHS[seq_len], vocab_size=512, learning_rate=f"{lr:.6g}", seed=seed,
@@ -168,7 +221,10 @@ def test_an_older_csv_is_migrated_and_its_rows_stay_out_of_the_table(mqar, tmp_p
     assert mqar.solved_at(mqar.read_rows(str(path)), "based", 128, 64, 1000, 64) is None
 
 
-def test_zoology_checks_agree_and_disagree_with_the_numbers(mqar):
+def test_zoology_checks_agree_and_disagree_with_the_numbers(mqar, monkeypatch):
+    reach = {64: (0.58, 0.63), 128: (0.32, 0.38)}
+    monkeypatch.setattr(mqar, "window_reach", lambda seq_len: reach[seq_len])
+
     def grid(accuracy):
         best = {(m, t, w): (accuracy(m, t, w), 3e-3) for m in mqar.MIXERS for t in (64, 128) for w in (64, 128)}
         return best, set(best)
@@ -179,12 +235,22 @@ def test_zoology_checks_agree_and_disagree_with_the_numbers(mqar):
         if mixer in mqar.RECALL_MIXERS:
             return 0.99 - 0.01 * (t // 64) + 0.001 * (w // 64)
         if mixer == "sliding_window":
-            return 0.6
+            return 0.6 if t == 64 else 0.3
         return 0.3 + 0.1 * (w // 64) - 0.1 * (t // 64)
 
     lines = mqar.zoology_checks(*grid(paper_like))
     assert len(lines) == 6 and all("**agrees**" in line for line in lines), lines
     assert "T=64 d=64: attention 0.999, Based/delta 0.981, others 0.300" in lines[3]
+    assert "lies in the window: T=64: 0.580, T=128: 0.320; ceiling" in lines[4]
+    assert "BaseConv's reach, or a blind guess): T=64: 0.630, T=128: 0.380)" in lines[4]
+
+    # below 0.99 but above what the window lets through (a leaking mask) is a disagreement
+    best, finished = grid(paper_like)
+    best[("sliding_window", 128, 128)] = (0.45, 3e-3)
+    assert "**disagrees** (" in mqar.zoology_checks(best, finished)[4]
+    best[("sliding_window", 128, 128)] = (0.39, 3e-3)  # within SLACK of the ceiling
+    assert "**agrees** (" in mqar.zoology_checks(best, finished)[4]
+    assert "**disagrees** (" in mqar.zoology_checks(best, finished, reach={64: (0.5, 0.55), 128: (0.3, 0.35)})[4]
 
     def unlike(mixer, t, w):
         if mixer == "attention":
