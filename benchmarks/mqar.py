@@ -155,9 +155,11 @@ the queries whose value lies within 16 tokens are 0.584 of them at length 64, 0.
 at a time and finds the model's logits depend on exactly those 19 tokens). At length 64 every
 width lands on the first share (0.584, 0.570, 0.584): the runs answer every query whose value
 is in the window and none other, as the mask says they must. At length 128 width 64 comes close
-(0.314 of 0.323) and the wider models do not get there in 1,000 steps at seed 0 (0.191 at width
-128; 0.068 at width 256, LR 3e-3), an optimisation race, not a capacity limit: the width decides
-nothing about what the window lets through, and how much of it a run earns varies by seed.
+(0.314 of 0.323) and the wider models do not get there in 1,000 steps. From width 128 to 256 the
+fall is not seed noise: width 256 gives 0.068 at both seeds (LR 3e-3; 0.005 at 1e-2 for both),
+against 0.191 / 0.129 at width 128, so the width check reads "disagrees". It is a race the
+wider models lose at this budget, not a capacity limit: the width decides nothing about what the
+window lets through, so Zoology's "more width, more recall" has nothing to act on for this mixer.
 GLA's rise with length at width 128 (0.753 at length 64, LR 1e-2, to 0.792 at length 128, LR
 3e-3, seed 0) too: at seed 1 it falls, 0.859 -> 0.780 (3e-3 / 1e-2: 0.859 / 0.313 at length 64,
 0.482 / 0.780 at length 128).
