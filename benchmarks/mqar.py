@@ -9,6 +9,7 @@ accuracy at the query positions (``mqar`` task, the whole 1,000-example test spl
 
     python benchmarks/mqar.py                      # the full sweep (resumes; see the cost below)
     python benchmarks/mqar.py --workers 2          # the same, two points at once (one per core here)
+    python benchmarks/mqar.py --workers 2 --until 17:30   # only the runs that end by 17:30
     python benchmarks/mqar.py --plot               # only redraw the PNG / table from the CSV
     python benchmarks/mqar.py --smoke              # 2 mixers, width 64, length 64, 20 steps, one LR
 
@@ -194,6 +195,13 @@ included, and its row counts the seconds of every part. A finished run's workdir
 its row is written, and a stopped run's when its point settles without it (an LR skipped). A run
 killed without a signal (SIGKILL, power) starts over.
 
+``--until`` (``HH:MM``, its next occurrence, or ``YYYY-MM-DDTHH:MM``) fits a sweep into a slot
+of time: a run starts only if its projected time (:func:`projected_run_seconds`: 1.2 x
+:func:`run_seconds_model`) ends before then, so with ``--workers`` a free core takes the first
+pending point whose run fits; at that time a run still going is stopped as by SIGTERM
+(checkpointed). On a machine whose ``--runs-dir`` does not outlast the session, this is what
+keeps the session's end from throwing away a partly trained run.
+
 These small models leave XLA:CPU's second thread mostly idle: on 2026-12-06, GLA at width
 128, length 128 trained at 230 ms/step alone on both cores and at 345 ms/step each as two
 one-core workers side by side, 1.33 times the throughput (``--workers 2``); the projection above
@@ -208,6 +216,7 @@ to a temporary directory unless ``--output`` is given; 64 s here, dataset build 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import math
@@ -256,6 +265,7 @@ HEADS = 2
 WINDOW = 16
 EVAL_EVERY = 100  # Zoology evaluates every epoch and stops at TARGET_ACCURACY
 TARGET_ACCURACY = 0.99
+UNTIL_MARGIN = 1.2  # --until budgets each run at 1.2 x its projected time (run_seconds_model)
 
 SMOKE = dict(mixers=["attention", "linear_attention"], widths=[64], lengths=[64], lrs=[3e-3], steps=20)
 
@@ -296,6 +306,20 @@ def _list(kind, choices=None):
     return parse
 
 
+def _deadline(text):
+    """``--until``: a naive local datetime from ``HH:MM`` (its next occurrence) or an ISO datetime."""
+    now = datetime.datetime.now()
+    try:
+        clock = datetime.datetime.strptime(text, "%H:%M")
+    except ValueError:
+        try:
+            return datetime.datetime.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected HH:MM or YYYY-MM-DDTHH:MM[:SS], got {text!r}") from None
+    until = now.replace(hour=clock.hour, minute=clock.minute, second=0, microsecond=0)
+    return until if until > now else until + datetime.timedelta(days=1)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mixers", type=_list(str, tuple(MIXERS)), default=list(MIXERS),
@@ -322,6 +346,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1,
                    help="points trained at once, each in its own process pinned to its share of the CPUs "
                         "(see the docstring's cost section)")
+    p.add_argument("--until", type=_deadline, default=None,
+                   help="a local time, HH:MM (the next one) or YYYY-MM-DDTHH:MM[:SS]: start no run projected to end "
+                        "after it, and stop (checkpoint) the runs still going then (see the docstring)")
     p.add_argument("--no-report", action="store_true",
                    help="train only; leave the table, plot and projection alone (how --workers runs each point)")
     p.add_argument("--smoke", action="store_true",
@@ -352,6 +379,8 @@ def parse_args(argv=None):
     if bad:
         p.error(f"--lrs must be positive, got {bad}")
     args.lrs = sorted(args.lrs)  # run in ascending order (lr_search_settled)
+    if args.until is not None and args.until <= datetime.datetime.now():
+        p.error(f"--until must be in the future, got {args.until.isoformat(timespec='seconds')}")
     return args
 
 
@@ -507,6 +536,8 @@ def point_command(args, mixer, width, seq_len):
                "--batch-size", str(args.batch_size), "--heads", str(args.heads), "--window", str(args.window),
                "--seed", str(args.seed), "--output", os.path.abspath(args.output),
                "--runs-dir", os.path.abspath(args.runs_dir), "--no-report"]
+    if args.until is not None:
+        command += ["--until", args.until.isoformat(timespec="seconds")]
     return command + (["--data-dir", args.data_dir] if args.data_dir else [])
 
 
@@ -522,10 +553,15 @@ def _forward_lines(stream, prefix, log):
         log(prefix + line.rstrip("\n"))
 
 
-def run_in_workers(jobs, workers, log, cpus=None, poll_seconds=0.5):
-    """Runs ``jobs`` (``(name, argv)`` pairs) as subprocesses, at most ``workers`` at a time, the
-    job in slot ``k`` pinned to ``cpu_slots(workers, cpus)[k]``; their output is logged line by
-    line with ``[slot k]`` in front. Returns the number of jobs that exited non-zero.
+def run_in_workers(jobs, workers, log, cpus=None, poll_seconds=0.5, until=None):
+    """Runs ``jobs`` (``(name, argv, projected seconds or None)``) as subprocesses, at most
+    ``workers`` at a time, the job in slot ``k`` pinned to ``cpu_slots(workers, cpus)[k]``; their
+    output is logged line by line with ``[slot k]`` in front. Returns the number of jobs that exited
+    non-zero.
+
+    With ``until`` (a ``time.time()``), a free slot takes the first job whose projected seconds
+    fit before it (None: unknown, taken); a job that does not fit is left out, as time only runs
+    down. Stopping the jobs at ``until`` is theirs to do (``--until`` in their argv).
 
     On KeyboardInterrupt (or SIGTERM, which :func:`main` turns into one) every running job gets
     SIGTERM, is waited for (the trainer stops between steps and checkpoints the run in flight, which
@@ -534,12 +570,25 @@ def run_in_workers(jobs, workers, log, cpus=None, poll_seconds=0.5):
     queue = list(jobs)
     running = {}  # slot -> (name, process, output thread)
     failures = 0
+
+    def next_job():
+        while queue:
+            name, argv, seconds = queue.pop(0)
+            left = None if until is None else until - time.time()
+            if left is None or seconds is None or seconds <= left:
+                return name, argv
+            log(f"left out {name}: projected {fmt_duration(seconds)}, {fmt_duration(max(left, 0.0))} left before --until")
+        return None
+
     try:
         while queue or running:
             for slot in range(workers):
-                if slot in running or not queue:
+                if slot in running:
                     continue
-                name, argv = queue.pop(0)
+                job = next_job()
+                if job is None:
+                    break
+                name, argv = job
                 process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                            preexec_fn=lambda cpus=slots[slot]: os.sched_setaffinity(0, cpus))
                 thread = threading.Thread(target=_forward_lines, args=(process.stdout, f"[slot {slot}] ", log),
@@ -567,8 +616,28 @@ def run_in_workers(jobs, workers, log, cpus=None, poll_seconds=0.5):
     return failures
 
 
+_stops = {"deferred": False, "pending": None}  # stops_deferred's state, read by _interrupt
+
+
 def _interrupt(signum, frame):
+    if _stops["deferred"]:
+        _stops["pending"] = signum
+        return
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def stops_deferred():
+    """A SIGTERM / SIGINT handled by :func:`_interrupt` inside the block stops the process when the
+    block ends (a KeyboardInterrupt then), not inside it."""
+    _stops["deferred"] = True
+    try:
+        yield
+    finally:
+        _stops["deferred"] = False
+        pending, _stops["pending"] = _stops["pending"], None
+    if pending is not None:
+        raise KeyboardInterrupt(f"signal {pending}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -649,41 +718,71 @@ def run_cost(row):
     return max(row["seconds"] - steps * step_s, 0.0), step_s
 
 
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def _measured_rows(rows, batch_size):
+    return [r for r in rows if r["status"] in DONE_STATUSES and r["batch_size"] == batch_size
+            and r["mixer"] in MIXERS and r["pattern"] == MIXERS[r["mixer"]] and r["mlp"] == MLP]
+
+
+def run_seconds_model(rows, batch_size):
+    """The projected seconds of one run on this machine, as a function of (mixer, width, seq_len,
+    steps), from the finished runs in ``rows`` at ``batch_size`` (None when there are none).
+
+    A run costs ``overhead + steps x step time`` (:func:`run_cost`): both from measured runs (any
+    LR, seed or step count) of the same (mixer, width, length) where there are some (the LR does
+    not change the cost); else the step time is the same mixer's median seconds per (step x width x
+    length) times this run's width x length (else all mixers'), and the overhead the median over
+    that mixer's runs. Compute per step grows at most like width x length here (the output head and
+    MLP scale with width, attention with length^2 but is small at T <= 256), so the scaled
+    estimates are rough; measure the largest points."""
+    measured = _measured_rows(rows, batch_size)
+    if not measured:
+        return None
+    by_point, by_mixer = {}, {}
+    for r in measured:
+        by_point.setdefault((r["mixer"], r["width"], r["seq_len"]), []).append(run_cost(r))
+        by_mixer.setdefault(r["mixer"], []).append(r)
+    overall_rate = _median(run_cost(r)[1] / (r["width"] * r["seq_len"]) for r in measured)
+    overall_overhead = _median(run_cost(r)[0] for r in measured)
+
+    def seconds(mixer, width, seq_len, steps):
+        point = by_point.get((mixer, width, seq_len))
+        if point:
+            return _median(c[0] for c in point) + steps * _median(c[1] for c in point)
+        mixer_rows = by_mixer.get(mixer)
+        rate = _median(run_cost(r)[1] / (r["width"] * r["seq_len"]) for r in mixer_rows) if mixer_rows else overall_rate
+        overhead = _median(run_cost(r)[0] for r in mixer_rows) if mixer_rows else overall_overhead
+        return overhead + steps * rate * width * seq_len
+
+    return seconds
+
+
+def projected_run_seconds(rows, args, mixer, width, seq_len):
+    """What ``--until`` budgets for one run of a point: ``UNTIL_MARGIN`` x :func:`run_seconds_model`'s
+    projection at ``args.steps`` (None while the CSV has no finished run at ``args.batch_size``)."""
+    seconds = run_seconds_model(rows, args.batch_size)
+    return None if seconds is None else UNTIL_MARGIN * seconds(mixer, width, seq_len, args.steps)
+
+
 def projected_sweep_seconds(rows, steps, batch_size, mixers=tuple(MIXERS), widths=WIDTHS, lengths=tuple(LENGTHS),
                             lrs=LEARNING_RATES, seed=0):
     """(total seconds, runs measured, runs estimated, seconds still to run) of the sweep ``mixers
     x widths x lengths x lrs`` at ``steps`` / ``batch_size`` and ``seed`` on this machine.
 
     A run in ``rows`` counts its measured time; the LRs not run at a point whose LR search is
-    settled (:func:`lr_search_settled`) cost nothing, every other LR counts (an upper bound).
-    Another run costs ``overhead + steps x step time``
-    (:func:`run_cost`): both from measured runs (any LR or step count) of the same (mixer, width,
-    length) where there are some (the LR does not change the cost); else the step time is the same
-    mixer's median seconds per (step x width x length) times this run's width x length (else all
-    mixers'), and the overhead the median over that mixer's runs. Compute per step grows at most
-    like width x length here (the output head and MLP scale with width, attention with length^2
-    but is small at T <= 256), so the scaled estimates are rough; measure the largest points.
-    """
-    measured = [r for r in rows if r["status"] in DONE_STATUSES and r["batch_size"] == batch_size
-                and r["mixer"] in MIXERS and r["pattern"] == MIXERS[r["mixer"]] and r["mlp"] == MLP]
-    if not measured:
+    settled (:func:`lr_search_settled`) cost nothing, every other LR counts (an upper bound) at
+    :func:`run_seconds_model`'s projection."""
+    seconds = run_seconds_model(rows, batch_size)
+    if seconds is None:
         return None, 0, 0, None
-
-    def median(values):
-        values = sorted(values)
-        return values[len(values) // 2]
-
+    measured = _measured_rows(rows, batch_size)
     done = {row_key(r): r["seconds"] for r in measured if r["seed"] == seed}
-    by_point = {}
-    for r in measured:
-        by_point.setdefault((r["mixer"], r["width"], r["seq_len"]), []).append(run_cost(r))
-    overall_rate = median(run_cost(r)[1] / (r["width"] * r["seq_len"]) for r in measured)
-    overall_overhead = median(run_cost(r)[0] for r in measured)
     total, n_measured, n_estimated, remaining = 0.0, 0, 0, 0.0
     for mixer in mixers:
-        mixer_rows = [r for r in measured if r["mixer"] == mixer]
-        rate = median(run_cost(r)[1] / (r["width"] * r["seq_len"]) for r in mixer_rows) if mixer_rows else overall_rate
-        overhead = median(run_cost(r)[0] for r in mixer_rows) if mixer_rows else overall_overhead
         for width in widths:
             for seq_len in lengths:
                 for lr in lrs:
@@ -695,11 +794,7 @@ def projected_sweep_seconds(rows, steps, batch_size, mixers=tuple(MIXERS), width
                     if lr_search_settled(measured, mixer, width, seq_len, steps, batch_size, seed, lrs) is not None:
                         continue
                     n_estimated += 1
-                    point = by_point.get((mixer, width, seq_len))
-                    if point:
-                        cost = median(c[0] for c in point) + steps * median(c[1] for c in point)
-                    else:
-                        cost = overhead + steps * rate * width * seq_len
+                    cost = seconds(mixer, width, seq_len, steps)
                     total += cost
                     remaining += cost
     return total, n_measured, n_estimated, remaining
@@ -1044,48 +1139,78 @@ def main(argv=None):
         points = pending_points(read_rows(csv_path), args)
         for seq_len in dict.fromkeys(t for _, _, t in points):
             prepare_dataset(seq_len, args.data_dir)  # once, before the workers read it
-        log(f"{len(points)} points to train, {args.workers} at a time")
+        log(f"{len(points)} points to train, {args.workers} at a time"
+            + (f", until {args.until.isoformat(timespec='minutes')}" if args.until else ""))
         signal.signal(signal.SIGTERM, _interrupt)
-        failures += run_in_workers([(f"{m} width {w} seq_len {t}", point_command(args, m, w, t)) for m, w, t in points],
-                                   args.workers, log)
+        rows = read_rows(csv_path)
+        jobs = [(f"{m} width {w} seq_len {t}", point_command(args, m, w, t), projected_run_seconds(rows, args, m, w, t))
+                for m, w, t in points]
+        failures += run_in_workers(jobs, args.workers, log, until=args.until and args.until.timestamp())
     elif not args.plot:
         done = {row_key(r) for r in read_rows(csv_path) if r["status"] in DONE_STATUSES}
         todo = [(m, w, t, lr) for t in args.lengths for w in args.widths for m in args.mixers for lr in args.lrs
                 if run_key(m, w, t, lr, args.steps, args.batch_size, args.seed) not in done]
         total = len(args.mixers) * len(args.widths) * len(args.lengths) * len(args.lrs)
         log(f"{total - len(todo)} of {total} selected runs already in the CSV; at most {len(todo)} to run")
-        for index, (mixer, width, seq_len, lr) in enumerate(todo, 1):
-            settled = lr_search_settled(read_rows(csv_path), mixer, width, seq_len, args.steps, args.batch_size,
-                                        args.seed, args.lrs)
-            if settled is not None:
-                log(f"[{index}/{len(todo)}] {mixer} width {width} seq_len {seq_len}: {settled}; lr {lr:g} skipped")
-                # a run of this LR stopped before the point settled will not be resumed
-                shutil.rmtree(run_dir(args.runs_dir, mixer, width, seq_len, lr, args.steps, args.batch_size, args.seed),
-                              ignore_errors=True)
-                continue
-            config = make_config(mixer, width, seq_len, lr, steps=args.steps, batch_size=args.batch_size,
-                                 heads=args.heads, window=args.window, seed=args.seed, data_dir=args.data_dir)
-            prepare_dataset(seq_len, args.data_dir)
-            log(f"[{index}/{len(todo)}] {mixer} ({MIXERS[mixer]}) width {width} seq_len {seq_len} "
-                f"kv {LENGTHS[seq_len]} lr {lr:g} steps {args.steps}")
-            workdir = run_dir(args.runs_dir, mixer, width, seq_len, lr, args.steps, args.batch_size, args.seed)
-            try:
-                accuracy, loss, status, seconds, step_ms, stopped_at = train_one(config, workdir)
-            except Exception as error:  # recorded, retried from scratch on the next run
-                failures += 1
-                accuracy, loss, status, seconds, step_ms, stopped_at = (
-                    float("nan"), float("nan"), f"error: {type(error).__name__}", 0.0, float("nan"), 0)
-                log(f"  ERROR {type(error).__name__}: {error}")
-            append_row(csv_path, dict(
-                mixer=mixer, pattern=MIXERS[mixer], layers=LAYERS, mlp=MLP, width=width, seq_len=seq_len,
-                num_kv_pairs=LENGTHS[seq_len], vocab_size=VOCAB_SIZE, learning_rate=f"{lr:.6g}", seed=args.seed,
-                batch_size=args.batch_size, steps=args.steps, stopped_at=stopped_at, accuracy=f"{accuracy:.4f}",
-                loss=f"{loss:.4f}",
-                seconds=f"{seconds:.1f}", step_ms=f"{step_ms:.1f}", status=status,
-                date=datetime.datetime.now().isoformat(timespec="seconds"),
-            ))
-            shutil.rmtree(workdir, ignore_errors=True)
-            log(f"  accuracy {accuracy:.4f} at step {stopped_at}, {seconds:.1f} s, {step_ms:.0f} ms/step ({status})")
+        # between runs too, SIGTERM / SIGINT stop cleanly, never inside a row's append
+        previous_handlers = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
+        alarm = None
+        if args.until is not None:  # the trainer checkpoints the run in flight on SIGTERM (train_one)
+            alarm = threading.Timer(max((args.until - datetime.datetime.now()).total_seconds(), 0.0),
+                                    os.kill, (os.getpid(), signal.SIGTERM))
+            alarm.daemon = True
+            alarm.start()
+        try:
+            for index, (mixer, width, seq_len, lr) in enumerate(todo, 1):
+                rows = read_rows(csv_path)
+                settled = lr_search_settled(rows, mixer, width, seq_len, args.steps, args.batch_size, args.seed, args.lrs)
+                if settled is not None:
+                    log(f"[{index}/{len(todo)}] {mixer} width {width} seq_len {seq_len}: {settled}; lr {lr:g} skipped")
+                    # a run of this LR stopped before the point settled will not be resumed
+                    shutil.rmtree(run_dir(args.runs_dir, mixer, width, seq_len, lr, args.steps, args.batch_size,
+                                          args.seed), ignore_errors=True)
+                    continue
+                projected = projected_run_seconds(rows, args, mixer, width, seq_len)
+                if args.until is not None and projected is not None:
+                    left = (args.until - datetime.datetime.now()).total_seconds()
+                    if projected > left:
+                        log(f"[{index}/{len(todo)}] {mixer} width {width} seq_len {seq_len} lr {lr:g}: projected "
+                            f"{fmt_duration(projected)}, {fmt_duration(max(left, 0.0))} left before --until; not started")
+                        continue
+                config = make_config(mixer, width, seq_len, lr, steps=args.steps, batch_size=args.batch_size,
+                                     heads=args.heads, window=args.window, seed=args.seed, data_dir=args.data_dir)
+                prepare_dataset(seq_len, args.data_dir)
+                log(f"[{index}/{len(todo)}] {mixer} ({MIXERS[mixer]}) width {width} seq_len {seq_len} "
+                    f"kv {LENGTHS[seq_len]} lr {lr:g} steps {args.steps}")
+                workdir = run_dir(args.runs_dir, mixer, width, seq_len, lr, args.steps, args.batch_size, args.seed)
+                try:
+                    accuracy, loss, status, seconds, step_ms, stopped_at = train_one(config, workdir)
+                except Exception as error:  # recorded, retried from scratch on the next run
+                    failures += 1
+                    accuracy, loss, status, seconds, step_ms, stopped_at = (
+                        float("nan"), float("nan"), f"error: {type(error).__name__}", 0.0, float("nan"), 0)
+                    log(f"  ERROR {type(error).__name__}: {error}")
+                with stops_deferred():  # a stop arriving now waits until the row is written
+                    append_row(csv_path, dict(
+                        mixer=mixer, pattern=MIXERS[mixer], layers=LAYERS, mlp=MLP, width=width, seq_len=seq_len,
+                        num_kv_pairs=LENGTHS[seq_len], vocab_size=VOCAB_SIZE, learning_rate=f"{lr:.6g}", seed=args.seed,
+                        batch_size=args.batch_size, steps=args.steps, stopped_at=stopped_at, accuracy=f"{accuracy:.4f}",
+                        loss=f"{loss:.4f}",
+                        seconds=f"{seconds:.1f}", step_ms=f"{step_ms:.1f}", status=status,
+                        date=datetime.datetime.now().isoformat(timespec="seconds"),
+                    ))
+                    shutil.rmtree(workdir, ignore_errors=True)
+                log(f"  accuracy {accuracy:.4f} at step {stopped_at}, {seconds:.1f} s, {step_ms:.0f} ms/step ({status})")
+        except KeyboardInterrupt as interrupt:
+            if args.until is None or datetime.datetime.now() < args.until:
+                raise
+            log(f"stopped at --until {args.until.isoformat(timespec='minutes')} ({interrupt}); a run in flight is "
+                "checkpointed in --runs-dir and resumes on the next sweep")
+        finally:
+            if alarm is not None:
+                alarm.cancel()
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
 
     if args.no_report:
         return 1 if failures else 0

@@ -3,10 +3,14 @@ placement, mixer-only layers, early stop), the order and skipping of learning ra
 the CSV written by an older version, and which rows the table and plot use."""
 
 import csv
+import datetime
 import importlib.util
 import math
 import os
+import re
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -299,8 +303,8 @@ def test_workers_train_each_pending_point_once_with_the_sweep_settings(mqar, tmp
     mqar.append_row(str(path), _row(mqar, "based", 1e-2, 0.995))  # seed 0: solves nothing at seed 3
     jobs = []
 
-    def fake_run_in_workers(job_list, workers, log, cpus=None, poll_seconds=0.5):
-        assert workers == 2
+    def fake_run_in_workers(job_list, workers, log, cpus=None, poll_seconds=0.5, until=None):
+        assert workers == 2 and until == pytest.approx(deadline.timestamp())
         jobs.extend(job_list)
         return 0
 
@@ -310,15 +314,19 @@ def test_workers_train_each_pending_point_once_with_the_sweep_settings(mqar, tmp
     output = tmp_path / "mqar.md"
     argv = ["--mixers", "deltanet,gla,based,retnet", "--widths", "64,128", "--lengths", "64", "--steps", "1000",
             "--workers", "2", "--window", "8", "--seed", "3", "--output", str(output)]
-    assert mqar.main(argv) == 0
-    names = [name for name, _ in jobs]
+    deadline = (datetime.datetime.now() + datetime.timedelta(hours=1)).replace(microsecond=0)
+    assert mqar.main([*argv, "--until", deadline.isoformat()]) == 0
+    names = [name for name, *_ in jobs]
     assert names == ["based width 64 seq_len 64", "deltanet width 128 seq_len 64", "gla width 128 seq_len 64",
                      "based width 128 seq_len 64", "retnet width 128 seq_len 64"]
     child = mqar.parse_args(jobs[0][1][2:])
     assert (child.mixers, child.widths, child.lengths, child.lrs) == (["based"], [64], [64], list(mqar.LEARNING_RATES))
     assert (child.steps, child.batch_size, child.heads, child.window, child.seed) == (1000, 64, 2, 8, 3)
     assert (child.output, child.no_report, child.workers) == (str(output), True, 1)
-    assert child.runs_dir == str(tmp_path / "runs")
+    assert child.runs_dir == str(tmp_path / "runs") and child.until == deadline
+    # each job's budget: 1.2 x one run's projection (rows of any seed: 10 s, 1000 steps of 5 ms);
+    # deltanet has no run at width 128, so its step time scales with width x length from width 64
+    assert jobs[0][2] == pytest.approx(1.2 * 10.0) and jobs[1][2] == pytest.approx(1.2 * (5.0 + 1000 * 0.010))
     assert "| gla | 0.600 (1e-02) |" in output.read_text()
 
 
@@ -387,7 +395,7 @@ def test_run_in_workers_runs_each_job_once_pinned_and_at_most_n_at_once(mqar, tm
               "open(sys.argv[1], 'w').write(repr((sorted(os.sched_getaffinity(0)), start, time.time()))); "
               "print('done', sys.argv[1]); sys.exit(int(sys.argv[2]))")
     cpus = sorted(os.sched_getaffinity(0))
-    jobs = [(f"job {i}", [sys.executable, "-c", script, str(tmp_path / f"{i}.txt"), "1" if i == 3 else "0"])
+    jobs = [(f"job {i}", [sys.executable, "-c", script, str(tmp_path / f"{i}.txt"), "1" if i == 3 else "0"], None)
             for i in range(5)]
     lines = []
     assert mqar.run_in_workers(jobs, 2, lines.append, poll_seconds=0.05) == 1  # job 3 exits 1
@@ -445,3 +453,84 @@ def test_runs_at_other_seeds_are_kept_apart_and_their_spread_reported(mqar, tmp_
     assert "up to 0.320" in text
     mqar.main([*argv, "--plot"])
     assert "| linear_attention | 0.530 (1e-02) |" in output.read_text() and "seed 1" not in output.read_text().splitlines()[0]
+
+
+def test_until_starts_only_the_runs_that_fit_and_stops_the_one_in_flight(mqar, tmp_path, monkeypatch, capsys):
+    """``--until``: a run projected (1.2 x, from the CSV's timings) to end after it is not started,
+    the others are; at that time the run in flight is stopped (SIGTERM, as the trainer would
+    checkpoint it), no row is written, and the sweep exits cleanly with the handlers it found."""
+    path = tmp_path / "mqar.csv"
+    for mixer, seconds in [("gla", 100.0), ("based", 5000.0)]:  # 1000 steps; based: 6,000 s budgeted > 1 h
+        mqar.append_row(str(path), {**_row(mqar, mixer, 3e-3, 0.4), "seconds": seconds, "step_ms": seconds - 10.0})
+    runs = []
+
+    def fake_train_one(config, workdir):
+        runs.append((config.model.kwargs.pattern, config.optimizer.learning_rate))
+        return 0.5, 1.0, "ok", 12.0, 3.0, 1000
+
+    monkeypatch.setattr(mqar, "train_one", fake_train_one)
+    monkeypatch.setattr(mqar, "prepare_dataset", lambda seq_len, data_dir: None)
+    hour = (datetime.datetime.now() + datetime.timedelta(hours=1)).isoformat()
+    argv = ["--mixers", "gla,based", "--widths", "64", "--lengths", "64", "--lrs", "0.003,0.01", "--output",
+            str(tmp_path / "mqar.md"), "--no-report"]
+    assert mqar.main([*argv, "--until", hour]) == 0
+    assert runs == [("base_conv,gla", 1e-2)]
+    assert re.search(r"based width 64 seq_len 64 lr 0\.01: projected 100\.0 min, (59\.9|60\.0) min left before "
+                     r"--until; not started", capsys.readouterr().out)
+
+    def sleeping_train_one(config, workdir):
+        runs.append("sleeping")
+        time.sleep(30)
+
+    monkeypatch.setattr(mqar, "train_one", sleeping_train_one)
+    handler, interrupt_handler = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    started = time.monotonic()
+    soon = (datetime.datetime.now() + datetime.timedelta(seconds=1.5)).isoformat()
+    empty = tmp_path / "empty" / "mqar.md"  # no timings: nothing to project, the run starts
+    assert mqar.main([*argv[:9], str(empty), "--no-report", "--until", soon]) == 0
+    assert runs[-1] == "sleeping" and time.monotonic() - started < 10
+    assert "stopped at --until" in capsys.readouterr().out and not (empty.parent / "mqar.csv").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler and signal.getsignal(signal.SIGINT) is interrupt_handler
+
+
+def test_until_parses_a_clock_time_or_a_date_and_refuses_the_past(mqar):
+    now = datetime.datetime.now()
+    until = mqar._deadline("00:00")  # the next midnight
+    assert until == (now + datetime.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    next_minute = (now + datetime.timedelta(minutes=2)).strftime("%H:%M")
+    assert now < mqar._deadline(next_minute) <= now + datetime.timedelta(minutes=2)
+    assert mqar._deadline("2031-05-04T10:20") == datetime.datetime(2031, 5, 4, 10, 20)
+    with pytest.raises(Exception, match="expected HH:MM or YYYY-MM-DDTHH:MM"):
+        mqar._deadline("half past five")
+    with pytest.raises(SystemExit):
+        mqar.parse_args(["--until", "2020-01-01T00:00"])
+
+
+def test_run_in_workers_leaves_out_the_jobs_that_would_end_after_until(mqar, tmp_path):
+    script = "import sys, time; time.sleep(0.1); open(sys.argv[1], 'w').write('ran')"
+    jobs = [(name, [sys.executable, "-c", script, str(tmp_path / name)], seconds)
+            for name, seconds in [("short", 1.0), ("long", 3600.0), ("unmeasured", None), ("short too", 2.0)]]
+    lines = []
+    assert mqar.run_in_workers(jobs, 2, lines.append, poll_seconds=0.05, until=time.time() + 60) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short", "short too", "unmeasured"]
+    [left_out] = [line for line in lines if line.startswith("left out")]
+    assert re.fullmatch(r"left out long: projected 60\.0 min, (59|60) s left before --until", left_out)
+
+
+def test_a_stop_inside_stops_deferred_takes_effect_when_the_block_ends(mqar):
+    events = []
+    previous = signal.signal(signal.SIGTERM, mqar._interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt, match=f"signal {int(signal.SIGTERM)}"):
+            with mqar.stops_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                events.append("block ends")
+        with mqar.stops_deferred():  # nothing pending: nothing raised
+            events.append("quiet block")
+        with pytest.raises(KeyboardInterrupt):  # and outside a block a stop is immediate
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert events == ["block ends", "quiet block"]
