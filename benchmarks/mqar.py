@@ -26,8 +26,8 @@ Outputs (``--output``, default ``benchmarks/results/mqar.md``; the CSV and PNG s
   when plotting).
 * ``mqar.md``: the command, date and machine, the sweep's progress, the best accuracy per (mixer,
   width, length) at ``--seed`` (default 0), Zoology's qualitative results checked on the finished
-  points (:func:`zoology_checks`), and every run repeated at other seeds with its spread
-  (:func:`seed_spread`).
+  points (:func:`zoology_checks`), every run repeated at other seeds with its spread
+  (:func:`seed_spread`) and every point also run at other training budgets (:func:`budget_variants`).
 * stdout: that table, each run's time, and the projected time of the whole sweep on this machine
   from the runs measured so far (see :func:`projected_sweep_seconds`).
 
@@ -164,6 +164,32 @@ window lets through, so Zoology's "more width, more recall" has nothing to act o
 GLA's rise with length at width 128 (0.753 at length 64, LR 1e-2, to 0.792 at length 128, LR
 3e-3, seed 0) too: at seed 1 it falls, 0.859 -> 0.780 (3e-3 / 1e-2: 0.859 / 0.313 at length 64,
 0.482 / 0.780 at length 128).
+
+Linear attention's rise with length at width 64 (seed 0: 0.526 at length 64, 0.572 at 128,
+0.895 at 256) is not seed noise (seed 1: 0.207 at length 64, 0.760 at 256) but this protocol's
+fixed step budget. A length-256 example holds 16 queries, a length-64 one 4, so 1,000 steps of
+batch 64 train on 1,024k query positions at length 256 and 256k at length 64. Holding the queries
+equal reverses the order (the runs are in ``mqar.md``'s table of other budgets; LR 1e-2 / 3e-2,
+one number where only 1e-2 ran):
+
+* 256k queries: length 64, 1,000 x 64: 0.526 / 0.197 (seed 0), 0.207 (seed 1), 0.883 (seed 2);
+  length 256, 250 x 64: 0.036 / 0.108, 0.036 / 0.037, 0.035 / 0.026;
+* 1,024k queries, 1,000 updates each: length 64, 1,000 x 256: 0.952 / 0.961 (seed 0), 0.680 /
+  0.991 (seed 1); length 256, 1,000 x 64: 0.351 / 0.895, 0.620 / 0.760.
+
+At equal training a length-64 model recalls more than a length-256 one, at every seed, as
+Zoology reports: the longer sequences only gave more to learn from. Zoology fixes epochs, not
+steps, so its longer sequences carry more queries too, but 64 epochs train every run to the end,
+where that no longer decides. RetNet and GLA (whose decays let far-back pairs fade) do fall at
+length 256, as Zoology expects (width 64: 0.084 and 0.049, from 0.593 and 0.105 at length 128).
+
+Mamba's best LR is the grid's lowest, 3e-3, at all six points run (1e-2 falls to 0.002-0.249),
+so the grid does not bracket it from below. At width 128, length 64, LR 1e-3 (the lowest of
+Zoology's newer grid) gives 0.2545 against 0.2555 at 3e-3: the same ~0.25 plateau (the values
+that occur, not bound to their keys), not a better LR the grid missed. Okpekpe and Orvieto
+("Revisiting associative recall in modern recurrent models", 2025) find Mamba's MQAR success
+confined to a narrow LR window, and width helping it more than depth; here it forms the recall
+circuit within 1,000 steps only at width 256, length 64 (0.930).
 
 Cost: the CSV has every run's seconds (data, compile, training, evals) and ms per step. At width
 64, length 64 a step of the attention, sliding-window, linear-attention or GLA model takes 50-100 ms
@@ -906,6 +932,43 @@ def seed_spread_lines(spread, seed):
     return lines
 
 
+def budget_variants(rows, steps, batch_size):
+    """{(mixer, seq_len, width, steps, batch size, learning rate): {seed: accuracy}} of the points
+    run at another training budget (``--steps`` / ``--batch-size``) than ``steps`` x ``batch_size``,
+    with this budget's runs of the same (mixer, seq_len, width, LR) beside them; budgets in order of
+    the queries they train on (steps x batch x pairs), seeds in order."""
+    runs = {}
+    for r in rows:
+        if (r["status"] in DONE_STATUSES and r["mixer"] in MIXERS and r["pattern"] == MIXERS[r["mixer"]]
+                and r["mlp"] == MLP):
+            accuracy = r["accuracy"] if math.isfinite(r["accuracy"]) else 0.0
+            key = (r["mixer"], r["seq_len"], r["width"], r["steps"], r["batch_size"], r["learning_rate"])
+            runs.setdefault(key, {})[r["seed"]] = accuracy
+    other_lrs = {}  # (mixer, seq_len, width) -> the LRs run at another budget
+    for mixer, seq_len, width, run_steps, run_batch, lr in runs:
+        if (run_steps, run_batch) != (steps, batch_size):
+            other_lrs.setdefault((mixer, seq_len, width), set()).add(lr)
+    variants = [key for key in runs if key[5] in other_lrs.get(key[:3], ())]
+    variants.sort(key=lambda k: (k[0], k[2], k[3] * k[4] * LENGTHS[k[1]], k[1], k[5]))
+    return {key: dict(sorted(runs[key].items())) for key in variants}
+
+
+def budget_variant_lines(variants, steps, batch_size):
+    """Markdown: the runs of :func:`budget_variants`, with the queries each budget trains on."""
+    if not variants:
+        return []
+    lines = [f"Points also run at other training budgets (`--steps`, `--batch-size`; the table and checks above use "
+             f"{steps} steps x batch {batch_size}); queries: the query positions trained on, steps x batch x pairs "
+             "(what the docstring of `benchmarks/mqar.py` reads from them):", "",
+             "| mixer | d | T | steps x batch | queries | LR | accuracy by seed |", "|---|---:|---:|---|---:|---:|---|"]
+    for (mixer, seq_len, width, run_steps, run_batch, lr), by_seed in variants.items():
+        cells = ", ".join(f"seed {k}: {v:.3f}" for k, v in by_seed.items())
+        queries = run_steps * run_batch * LENGTHS[seq_len]
+        lines.append(f"| {mixer} | {width} | {seq_len} | {run_steps} x {run_batch} | {queries / 1e3:,.0f}k | {lr:.0e} | "
+                     f"{cells} |")
+    return lines
+
+
 def sweep_progress(rows, steps, batch_size, seed=0):
     """(finished points, all points) of the default grid at ``seed`` (:func:`finished_points`)."""
     return len(finished_points(rows, steps, batch_size, seed)), len(MIXERS) * len(WIDTHS) * len(LENGTHS)
@@ -1222,20 +1285,23 @@ def main(argv=None):
     spread = seed_spread(rows, args.steps, args.batch_size)
     checks = zoology_checks(best, finished_points(rows, args.steps, args.batch_size, args.seed), spread)
     spread_lines = seed_spread_lines(spread, args.seed)
+    variant_lines = budget_variant_lines(budget_variants(rows, args.steps, args.batch_size), args.steps,
+                                         args.batch_size)
     heading = (f"### MQAR (Zoology Figure 2, scaled down): best accuracy over LRs, {LAYERS} mixer-only layers, "
                f"vocab {VOCAB_SIZE}, at most {args.steps} steps x batch {args.batch_size} (stopped at accuracy "
                f"{TARGET_ACCURACY})" + (f", seed {args.seed}" if args.seed else ""))
     text = "\n".join([
         heading, "",
         f"`{command}` on {date}, {machine_line(jax)}. Cells: accuracy at the query positions of the 1,000 test "
-        f"examples (the LR that gave it); `-`: not run yet. Patterns, and how this differs from Zoology: the "
-        f"docstring of `benchmarks/mqar.py`. Every run: `{os.path.basename(csv_path)}`.", "",
+        f"examples (the LR that gave it); `-`: not run yet. Patterns, how this differs from Zoology and what "
+        f"each disagreement below was found to be: the docstring of `benchmarks/mqar.py`. Every run: "
+        f"`{os.path.basename(csv_path)}`.", "",
         f"Sweep progress: {finished} of {points} (mixer, width, length) points finished (one LR reached "
         f"{TARGET_ACCURACY}, the accuracy fell from one LR to the next, or all {len(LEARNING_RATES)} LRs ran); "
         "it resumes where it stopped.", "", table, "",
         "Zoology's qualitative results, checked on the finished points (differences below "
         f"{SLACK} count as equal):", "", *checks,
-    ] + ["", *spread_lines] * bool(spread_lines))
+    ] + ["", *spread_lines] * bool(spread_lines) + ["", *variant_lines] * bool(variant_lines))
     print(text)
     with open(args.output, "w") as f:
         f.write(text + "\n")

@@ -534,3 +534,21 @@ def test_a_stop_inside_stops_deferred_takes_effect_when_the_block_ends(mqar):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert events == ["block ends", "quiet block"]
+
+
+def test_points_run_at_other_budgets_are_listed_beside_the_protocols_runs(mqar):
+    rows = [_row(mqar, "linear_attention", 1e-2, 0.5), _row(mqar, "linear_attention", 1e-2, 0.2, seed=1),
+            _row(mqar, "linear_attention", 3e-3, 0.1),  # an LR run at no other budget: left out
+            {**_row(mqar, "linear_attention", 1e-2, 0.95), "batch_size": 256},
+            {**_row(mqar, "linear_attention", 1e-2, 0.04, seq_len=256), "steps": 250, "stopped_at": 250},
+            _row(mqar, "gla", 1e-2, 0.3)]  # no other budget at all: left out
+    rows = [{**r, "accuracy": float(r["accuracy"]), "learning_rate": float(r["learning_rate"])} for r in rows]
+    variants = mqar.budget_variants(rows, 1000, 64)
+    assert variants == {("linear_attention", 64, 64, 1000, 64, 1e-2): {0: 0.5, 1: 0.2},
+                        ("linear_attention", 256, 64, 250, 64, 1e-2): {0: 0.04},
+                        ("linear_attention", 64, 64, 1000, 256, 1e-2): {0: 0.95}}
+    lines = mqar.budget_variant_lines(variants, 1000, 64)
+    assert lines[-3:] == ["| linear_attention | 64 | 64 | 1000 x 64 | 256k | 1e-02 | seed 0: 0.500, seed 1: 0.200 |",
+                          "| linear_attention | 64 | 256 | 250 x 64 | 256k | 1e-02 | seed 0: 0.040 |",
+                          "| linear_attention | 64 | 64 | 1000 x 256 | 1,024k | 1e-02 | seed 0: 0.950 |"]
+    assert mqar.budget_variants(rows[:3], 1000, 64) == {} and mqar.budget_variant_lines({}, 1000, 64) == []
