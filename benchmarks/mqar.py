@@ -183,6 +183,18 @@ steps, so its longer sequences carry more queries too, but 64 epochs train every
 where that no longer decides. RetNet and GLA (whose decays let far-back pairs fade) do fall at
 length 256, as Zoology expects (width 64: 0.084 and 0.049, from 0.593 and 0.105 at length 128).
 
+The hybrid at width 64, length 256 (seed 0: 0.122 at LR 3e-3, 0.009 at 1e-2, against
+attention's 0.997 at 1e-2; the hybrid check's one disagreement) is a race that the seed decides,
+for attention as much as for the hybrid. At seeds 1 and 2 the hybrid gives 0.155 / 0.918 and
+0.066 / 0.120 (3e-3 / 1e-2), and attention at seed 1 0.056 / 0.451: at seed 1 the hybrid beats
+attention by 0.47, at seed 0 attention beats it by 0.88. Every run starts on the same plateau
+(loss ~5.55 = ln 256, a uniform guess among the 256 values), and its accuracy is set by when it
+leaves it. At 3e-3 no run of either model left it in time (hybrid 0.066-0.155, attention 0.056 /
+0.058), but the hybrid's seed-0 run was on its way (0.021 at step 400, 0.076 at 800, 0.122 at
+1,000): trained for 2,000 steps (its cosine schedule stretched to match) it has 0.815 at step
+1,000 and 0.913 at 2,000, level from step 1,700 as the LR decays. The check reads "disagrees,
+within seed noise": the gap is within the hybrid's seed spread at 1e-2 (0.909).
+
 Mamba's best LR is the grid's lowest, 3e-3, at all six points run (1e-2 falls to 0.002-0.249),
 so the grid does not bracket it from below. At width 128, length 64, LR 1e-3 (the lowest of
 Zoology's newer grid) gives 0.2545 against 0.2555 at 3e-3: the same ~0.25 plateau (the values
@@ -1017,7 +1029,8 @@ def zoology_checks(best, finished, spread=None, reach=None):
     ``spread``: :func:`seed_spread`; ``reach``: {seq_len: :func:`window_reach`} (default: computed
     for the lengths with a finished sliding-window point). A width or length trend broken only by
     steps no larger than the seed spread measured at one of the step's two points is "disagrees,
-    within seed noise"."""
+    within seed noise", and so is a hybrid that differs from attention by no more than the seed
+    spread measured at that point for either of them."""
     final = {key: value[0] for key, value in best.items() if key in finished}
     noise = {}  # (mixer, seq_len, width) -> the largest seed spread of its runs
     for (mixer, seq_len, width, _), by_seed in (spread or {}).items():
@@ -1109,11 +1122,15 @@ def zoology_checks(best, finished, spread=None, reach=None):
                  + ", ".join(f"T={t}: {reach[t][1]:.3f}" for t in lengths) + ")" if window else ""))
 
     hybrid = [(p, final[("hybrid", *p)], attention[p]) for p in points if ("hybrid", *p) in final and p in attention]
+    apart = [(p, h, a, max(noise.get(("hybrid", *p), 0.0), noise.get(("attention", *p), 0.0)))
+             for p, h, a in hybrid if abs(h - a) > SLACK and min(h, a) < TARGET_ACCURACY]
+    hybrid_verdict = trend_verdict([(p, None, spread, abs(h - a) <= spread) for p, h, a, spread in apart], hybrid)
     lines.append(f"- The Gated DeltaNet + attention hybrid behaves like attention (within {SLACK} of it or both >= "
-                 f"{TARGET_ACCURACY}): "
-                 f"{verdict(all(abs(h - a) <= SLACK or min(h, a) >= TARGET_ACCURACY for _, h, a in hybrid), hybrid)}"
+                 f"{TARGET_ACCURACY}): {hybrid_verdict}"
                  + (" (" + "; ".join(f"T={p[0]} d={p[1]}: hybrid {h:.3f}, attention {a:.3f}" for p, h, a in hybrid)
-                    + ")" if hybrid else ""))
+                    + ")" if hybrid else "")
+                 + ("; seeds spread up to " + ", ".join(f"{spread:.3f} at T={p[0]} d={p[1]}" for p, *_, spread in apart
+                                                       if spread) if any(spread for *_, spread in apart) else ""))
     return lines
 
 

@@ -288,6 +288,18 @@ def test_zoology_checks_agree_and_disagree_with_the_numbers(mqar, monkeypatch):
     assert all("**disagrees** (" in line for line in mqar.zoology_checks(best, finished)[1:3])
     assert all("**agrees**" in line for line in mqar.zoology_checks(best, finished, spread)[3:])
 
+    # the hybrid apart from attention by no more than either one's seed spread at that point
+    best, finished = grid(paper_like)
+    best[("hybrid", 128, 64)] = (0.12, 3e-3)
+    assert "**disagrees** (" in mqar.zoology_checks(best, finished)[5]
+    for mixer in ("hybrid", "attention"):
+        line = mqar.zoology_checks(best, finished, {(mixer, 128, 64, 1e-2): {0: 0.009, 1: 0.918}})[5]
+        assert "**disagrees, within seed noise** (" in line, line
+        assert "T=128 d=64: hybrid 0.120, attention 0.999" in line and "; seeds spread up to 0.909 at T=128 d=64" in line
+    line = mqar.zoology_checks(best, finished, {("hybrid", 128, 64, 1e-2): {0: 0.009, 1: 0.5}})[5]
+    assert "**disagrees** (" in line and "seeds spread up to 0.491 at T=128 d=64" in line
+    assert "seeds spread" not in mqar.zoology_checks(*grid(paper_like), {("hybrid", 64, 64, 3e-3): {0: 0.98, 1: 0.999}})[5]
+
     # unfinished points are left out: nothing finished, nothing judged
     best, _ = grid(unlike)
     assert all("not measured yet" in line for line in mqar.zoology_checks(best, set()))
