@@ -197,7 +197,7 @@ within seed noise": the gap is within the hybrid's seed spread at 1e-2 (0.909).
 
 At length 256 width is what Zoology says it is (seed 0, width 64 -> 128, best LR so far): RetNet
 0.084 -> 0.292, GLA 0.049 -> 0.831, linear attention 0.895 -> 0.960, Mamba 0.022 -> 0.063
-(LR 3e-3; 1e-2 still to finish), Mamba-2 0.262 -> 0.999, KDA 0.674 -> 0.993, Gated DeltaNet
+(LR 3e-3; 0.004 at 1e-2), Mamba-2 0.262 -> 0.999, KDA 0.674 -> 0.993, Gated DeltaNet
 0.968 -> 0.991. Sliding window stays at 0.005 at both widths, where the window lets 0.069 of the
 queries through. The hybrid at width 128 is 0.917 at LR 3e-3 (0.908 at step 900, still climbing)
 against attention's 0.998, and its LR 1e-2 run is still to finish.
