@@ -195,12 +195,14 @@ leaves it. At 3e-3 no run of either model left it in time (hybrid 0.066-0.155, a
 1,000 and 0.913 at 2,000, level from step 1,700 as the LR decays. The check reads "disagrees,
 within seed noise": the gap is within the hybrid's seed spread at 1e-2 (0.909).
 
-At length 256 width is what Zoology says it is (seed 0, width 64 -> 128, best LR so far): RetNet
-0.084 -> 0.292, GLA 0.049 -> 0.831, linear attention 0.895 -> 0.960, Mamba 0.022 -> 0.063
-(LR 3e-3; 0.004 at 1e-2), Mamba-2 0.262 -> 0.999, KDA 0.674 -> 0.993, Gated DeltaNet
-0.968 -> 0.991. Sliding window stays at 0.005 at both widths, where the window lets 0.069 of the
-queries through. The hybrid at width 128 is 0.917 at LR 3e-3 (0.908 at step 900, still climbing)
-against attention's 0.998, and its LR 1e-2 run is still to finish.
+At length 256 width is what Zoology says it is (seed 0, best LR, width 64 -> 128 -> 256 where
+run): RetNet 0.084 -> 0.292, GLA 0.049 -> 0.831, linear attention 0.895 -> 0.960 -> 0.983, Based
+0.988 -> 0.991 -> 0.991, Mamba 0.022 -> 0.063 (LR 3e-3; 0.004 at 1e-2), Mamba-2 0.262 -> 0.999,
+KDA 0.674 -> 0.993, Gated DeltaNet 0.968 -> 0.991. Sliding window stays at 0.004-0.005 at every
+width and LR run, where the window lets 0.069 of the queries through. Attention is 0.997 /
+0.998 / 0.998. The hybrid at width 128 is 0.917 at LR 3e-3 (0.029 at 1e-2, 3e-2 skipped)
+against attention's 0.998; its run was still climbing at step 1,000 (0.908 at step 900), as its
+width-64 run was (0.913 after 2,000 steps, above).
 
 Mamba's best LR is the grid's lowest, 3e-3, at all six points run (1e-2 falls to 0.002-0.249),
 so the grid does not bracket it from below. At width 128, length 64, LR 1e-3 (the lowest of
