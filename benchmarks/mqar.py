@@ -195,14 +195,21 @@ leaves it. At 3e-3 no run of either model left it in time (hybrid 0.066-0.155, a
 1,000 and 0.913 at 2,000, level from step 1,700 as the LR decays. The check reads "disagrees,
 within seed noise": the gap is within the hybrid's seed spread at 1e-2 (0.909).
 
-At length 256 width is what Zoology says it is (seed 0, best LR, width 64 -> 128 -> 256 where
-run): RetNet 0.084 -> 0.292, GLA 0.049 -> 0.831, linear attention 0.895 -> 0.960 -> 0.983, Based
-0.988 -> 0.991 -> 0.991, Mamba 0.022 -> 0.063 (LR 3e-3; 0.004 at 1e-2), Mamba-2 0.262 -> 0.999,
-KDA 0.674 -> 0.993, Gated DeltaNet 0.968 -> 0.991. Sliding window stays at 0.004-0.005 at every
-width and LR run, where the window lets 0.069 of the queries through. Attention is 0.997 /
-0.998 / 0.998. The hybrid at width 128 is 0.917 at LR 3e-3 (0.029 at 1e-2, 3e-2 skipped)
-against attention's 0.998; its run was still climbing at step 1,000 (0.908 at step 900), as its
-width-64 run was (0.913 after 2,000 steps, above).
+At length 256 width is what Zoology says it is for every mixer but GLA (seed 0, best LR, width
+64 -> 128 -> 256 where run): RetNet 0.084 -> 0.292 -> 0.918, linear attention 0.895 -> 0.960 ->
+0.983, Based 0.988 -> 0.991 -> 0.991, DeltaNet 0.992 -> 0.991 -> 0.991, Gated DeltaNet 0.968 ->
+0.991 -> 0.991, KDA 0.674 -> 0.993 -> 0.994, Mamba 0.022 -> 0.063 (LR 3e-3; 0.004 at 1e-2),
+Mamba-2 0.262 -> 0.999. Sliding window stays at 0.004-0.005 at every width and LR run, where
+the window lets 0.069 of the queries through. Attention is 0.997 / 0.998 / 0.998. GLA rises
+0.049 -> 0.831 and falls to 0.260 at width 256 (LR 3e-3; at 1e-2 it never leaves the plateau,
+0.004, and 3e-2 is skipped), the width check's new disagreement. Its LR-3e-3 run left the
+plateau late and was climbing fast when the budget ran out (0.061 at step 600, 0.067 at 800,
+0.109 at 900, 0.260 at 1,000): the race this budget sets, as for the hybrid at width 64 (below);
+a seed-1 run and a 2,000-step run are still to be read. RetNet at width 256 rises with length
+by 0.02 (0.895 -> 0.916 -> 0.918), within what one seed moves a run here. The hybrid at width
+128 is 0.917 at LR 3e-3 (0.029 at 1e-2, 3e-2 skipped) against attention's 0.998; its run was
+still climbing at step 1,000 (0.908 at step 900), as its width-64 run was (0.913 after 2,000
+steps, above).
 
 Mamba's best LR is the grid's lowest, 3e-3, at all six points run (1e-2 falls to 0.002-0.249),
 so the grid does not bracket it from below. At width 128, length 64, LR 1e-3 (the lowest of
