@@ -204,7 +204,7 @@ the window lets 0.069 of the queries through. Attention is 0.997 / 0.998 / 0.998
 0.049 -> 0.831 and falls to 0.260 at width 256 (LR 3e-3; at 1e-2 it never leaves the plateau,
 0.004, and 3e-2 is skipped), the width check's new disagreement. Its LR-3e-3 run left the
 plateau late and was climbing fast when the budget ran out (0.061 at step 600, 0.067 at 800,
-0.109 at 900, 0.260 at 1,000): the race this budget sets, as for the hybrid at width 64 (below);
+0.109 at 900, 0.260 at 1,000): the race this budget sets, as for the hybrid at width 64 (above);
 a seed-1 run and a 2,000-step run are still to be read. RetNet at width 256 rises with length
 by 0.02 (0.895 -> 0.916 -> 0.918), within what one seed moves a run here. The hybrid at width
 128 is 0.917 at LR 3e-3 (0.029 at 1e-2, 3e-2 skipped) against attention's 0.998; its run was
