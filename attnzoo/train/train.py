@@ -582,6 +582,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
             state, metrics = train_step(state, to_global(batch))
             step += 1
             pending.append((step, metrics))
+            # At most two steps in flight: the host prepares batch n+1 while step n runs, but never
+            # queues more, so a stop signal waits for one step, not for a log interval of them.
+            if len(pending) >= 2:
+                jax.block_until_ready(pending[-2][1])
             if step == start_step + 1:  # the first step compiled: time from here on
                 jax.block_until_ready(state)
                 log.info("first step (compile + run) took %.1f s", time.perf_counter() - loop_started)

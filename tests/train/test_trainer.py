@@ -49,12 +49,14 @@ def tiny(data_dir, **overrides):
     return config
 
 
-def start(workdir, overrides, *, devices=1, action="train", dump=None):
-    spec = {"action": action, "workdir": str(workdir), "overrides": overrides, "devices": devices}
+def start(workdir, overrides, *, devices=1, action="train", dump=None, imports=(), env=None):
+    spec = {"action": action, "workdir": str(workdir), "overrides": overrides, "devices": devices,
+            "imports": list(imports)}
     if dump:
         spec["dump"] = str(dump)
     return subprocess.Popen(
-        [sys.executable, RUNNER, json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, RUNNER, json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -161,6 +163,31 @@ def test_killed_and_terminated_runs_resume_exactly(tmp_path, data_dir):
         assert steps == list(range(10, 151, 10))
         # keep-N: of the 30 checkpoints written (every 5 steps), the newest 3 remain.
         assert sorted(int(p) for p in os.listdir(tmp_path / name / "checkpoints")) == [140, 145, 150]
+
+
+def test_a_signal_stops_the_run_within_a_step_or_two(tmp_path, data_dir):
+    """The host may not run far ahead of the device: a SIGTERM must not wait for a long queue of
+    dispatched steps. The run logs and checkpoints only every 1000 steps, so only the trainer's own
+    bound on steps in flight paces it. The probe sends SIGTERM when batch 40 is asked for."""
+    signal_at = 40
+    probe = tmp_path / "probe.json"
+    overrides = tiny(data_dir, num_steps=1000, log_every_steps=1000, batch_size=64,
+                     **{"checkpoint.every_steps": 1000, "model.kwargs.dim": 64})
+    result = finish(start(tmp_path / "run", overrides, imports=["pacing_probe"],
+                          env={"PACING_PROBE_SIGNAL_AT": str(signal_at), "PACING_PROBE_OUTPUT": str(probe)}))
+    assert result["stopped_by_signal"] == "SIGTERM" and result["step"] == signal_at, result["stdout"][-2000:]
+    record = json.load(open(probe))
+    requests = np.array(record["requests"])
+    assert len(requests) == signal_at
+    assert [step for step, _ in record["saves"]] == [signal_at]
+    saved_at = record["saves"][0][1]
+    # Batch 2 is asked for once step 1 (with its compile) has finished. If steps were only dispatched,
+    # batches 2..40 would be asked for within milliseconds and the device would still owe ~38 steps
+    # when the signal came: nearly all of the time from batch 2 to the save would come after it.
+    after_signal = saved_at - requests[-1]
+    from_second_batch = saved_at - requests[1]
+    gaps = np.diff(requests[1:])
+    assert after_signal < 0.25 * from_second_batch, (after_signal, from_second_batch, gaps)
 
 
 def test_checkpoint_from_8_devices_restores_on_1_and_4(tmp_path, data_dir):
